@@ -1,0 +1,39 @@
+"""bert_fast — a drop-in BERT encoder for PyTorch whose hot paths run on fused kernels.
+
+* ``from bert_fast import BertModel`` (and every other ``Bert*`` class of transformers): same
+  checkpoints, same outputs, padding-free fused execution.
+* ``bert_fast.optimize(model)`` upgrades a transformers BERT model or a sentence-transformers
+  model in place; ``bert_fast.revert(model)`` undoes it.
+* ``bert_fast.use_backend("triton" | "cpp" | "torch" | "auto")`` picks the engine for a block.
+"""
+
+from __future__ import annotations
+
+from .kernels import BackendUnavailableError, use_backend
+
+__version__ = "0.1.0"
+
+_MODELING = {
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForNextSentencePrediction",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+    "BertForMultipleChoice",
+    "optimize",
+    "revert",
+    "is_optimized",
+}
+
+__all__ = sorted(_MODELING | {"BackendUnavailableError", "use_backend", "__version__"})
+
+
+def __getattr__(name: str):
+    # transformers is imported on first use of the model API, not when the kernels are imported.
+    if name in _MODELING:
+        from . import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module 'bert_fast' has no attribute {name!r}")

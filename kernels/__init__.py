@@ -1,0 +1,36 @@
+"""bert_fast.kernels — the fused ops behind the model, as plain functions (no nn.Module).
+
+Each op has a plain-PyTorch reference (``<op>_ref``: HF's exact semantics, the ``torch`` backend
+and the test oracle) and fused backends (``triton``, ``cpp``) chosen per call by
+:func:`~bert_fast.kernels._backend.resolve` (DESIGN.md §3).
+"""
+
+from ._backend import BACKENDS, BackendUnavailableError, requested_backend, use_backend
+from .activation import ACTIVATIONS, HF_ACTIVATIONS, bias_act, bias_act_ref
+from .attention import varlen_attention, varlen_attention_ref
+from .embeddings import embed_layer_norm, embed_layer_norm_ref
+from .layer_norm import bias_residual_layer_norm, bias_residual_layer_norm_ref
+from .padding import gather_rows, gather_rows_ref, scatter_rows, scatter_rows_ref, unpad_mask, unpad_mask_ref
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "HF_ACTIVATIONS",
+    "BackendUnavailableError",
+    "bias_act",
+    "bias_act_ref",
+    "bias_residual_layer_norm",
+    "bias_residual_layer_norm_ref",
+    "embed_layer_norm",
+    "embed_layer_norm_ref",
+    "gather_rows",
+    "gather_rows_ref",
+    "requested_backend",
+    "scatter_rows",
+    "scatter_rows_ref",
+    "unpad_mask",
+    "unpad_mask_ref",
+    "use_backend",
+    "varlen_attention",
+    "varlen_attention_ref",
+]
