@@ -12,6 +12,13 @@ LayerNorm reads twice and writes once); fused, we read x and residual once and w
 Numerics: statistics (mean, biased variance) in fp32 whatever the input dtype; ``eps`` is used
 exactly as given (BERT uses 1e-12, which is below fp16's resolution: it must not be clamped).
 
+Triton kernel (:func:`bias_residual_layer_norm_fwd`): one program per row, the whole row in
+registers (``BLOCK_H`` = next power of two >= H, masked), so x and the residual are read exactly
+once; two-pass mean/variance from registers (no E[x^2] - E[x]^2 cancellation). Limits: H <= 4096
+(larger rows would spill), fp16/bf16/fp32 activations (parameters may be any of these too), unit
+stride along H (other layouts are copied first), any number of leading dims. The warp count is
+autotuned per row block and hidden size on the GPU (configs: :func:`_triton_utils.row_configs`).
+
 Backends: ``torch`` (:func:`bias_residual_layer_norm_ref`), ``triton``, ``cpp``. Gradients: the
 fused backends are forward-only; under autograd they are wrapped by
 :func:`~bert_fast.kernels._autograd.fast_forward_ref_backward` (reference backward).
@@ -23,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from . import _triton_utils as _tu
 from ._autograd import fast_forward_ref_backward
+from ._triton_utils import tl
 
 
 def bias_residual_layer_norm_ref(
@@ -64,12 +73,14 @@ def _check(x, weight, bias, linear_bias, residual) -> None:
             raise ValueError(f"bias_residual_layer_norm: {name} is on {t.device}, x on {x.device}")
 
 
-def _triton_support(x: torch.Tensor) -> str | None:
-    fwd = globals().get("bias_residual_layer_norm_fwd")
-    if fwd is None:
-        return "Triton kernel not available in this build"
-    check = globals().get("_triton_unsupported")
-    return check(x) if check is not None else None
+def _triton_support(x, weight, bias, linear_bias, residual) -> str | None:
+    """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
+    reason = _tu.unsupported_common(x, weight, bias, linear_bias, residual)
+    if reason is not None:
+        return reason
+    if x.shape[-1] > _tu.MAX_HIDDEN:
+        return f"hidden size {x.shape[-1]} > {_tu.MAX_HIDDEN} (one row must fit in registers)"
+    return None
 
 
 def bias_residual_layer_norm(
@@ -84,13 +95,14 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x + linear_bias + residual)`` over the last dim, fused. ``x``: (..., H)."""
     _check(x, weight, bias, linear_bias, residual)
-    be = _backend.resolve("bias_residual_layer_norm", x.device, backend, supports={"triton": _triton_support(x)})
+    args = (x, weight, bias, linear_bias, residual)
+    be = _backend.resolve("bias_residual_layer_norm", x.device, backend, supports={"triton": _triton_support(*args)})
     if be == "torch":
         return bias_residual_layer_norm_ref(x, weight, bias, eps, linear_bias, residual)
     if be == "triton":
 
         def fast(x, weight, bias, linear_bias, residual):
-            return bias_residual_layer_norm_fwd(x, weight, bias, eps, linear_bias, residual)  # noqa: F821
+            return bias_residual_layer_norm_fwd(x, weight, bias, eps, linear_bias, residual)
 
     else:
         from . import _cpp
@@ -98,7 +110,6 @@ def bias_residual_layer_norm(
         def fast(x, weight, bias, linear_bias, residual):
             return _cpp.bias_residual_layer_norm(x, weight, bias, eps, linear_bias, residual)
 
-    args = (x, weight, bias, linear_bias, residual)
     if _backend.needs_grad(*args):
 
         def ref(x, weight, bias, linear_bias, residual):
@@ -109,3 +120,119 @@ def bias_residual_layer_norm(
 
 
 # --- Triton kernels (issue 3) -------------------------------------------------------------------
+
+
+@_tu.jit
+def _bias_residual_layer_norm_fwd_kernel(
+    X,  # pointer to the input rows (GEMM output without its bias), shape (N, H), unit column stride
+    Residual,  # pointer to the residual rows, shape (N, H), unit column stride; read iff HAS_RESIDUAL
+    LinearBias,  # pointer to the GEMM bias, shape (H,); read iff HAS_LINEAR_BIAS
+    W,  # pointer to the LayerNorm weight, shape (H,)
+    B,  # pointer to the LayerNorm bias, shape (H,)
+    Y,  # pointer to the output, shape (N, H), unit column stride
+    stride_x_row,
+    stride_residual_row,
+    stride_y_row,
+    n_cols,
+    eps,
+    HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before the stride product: N * H may exceed 2^31
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < n_cols
+    # Everything in fp32 from the first add on, in HF's order ((x + bias) + residual). Masked lanes
+    # load 0 so they add nothing to the sums below.
+    h = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LINEAR_BIAS:
+        h += tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(Residual + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(h, axis=0) / n_cols
+    # Two-pass variance from registers; masked lanes are zeroed again (they would hold -mean).
+    diff = tl.where(mask, h - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / n_cols  # biased, as nn.LayerNorm
+    # eps exactly as given (1e-12 is a normal fp32 number; no clamping). rsqrt as in PyTorch's
+    # own CUDA LayerNorm kernel.
+    rstd = tl.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = diff * rstd * w + b
+    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)  # one rounding
+
+
+def _layer_norm_launch(x2, weight, bias, eps, linear_bias, residual2, y) -> None:
+    n_rows, n_cols = x2.shape
+    if n_rows == 0:
+        return
+    block = max(_tu.next_power_of_2(n_cols), 16)
+    args = (
+        x2,
+        residual2 if residual2 is not None else x2,  # dummy pointer, never read
+        linear_bias if linear_bias is not None else weight,  # dummy pointer, never read
+        weight,
+        bias,
+        y,
+        x2.stride(0),
+        residual2.stride(0) if residual2 is not None else 0,
+        y.stride(0),
+        n_cols,
+        float(eps),
+    )
+    flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None, "BLOCK_H": block}
+    if _tu.interpreting():
+        _bias_residual_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
+    else:
+        kernel = _tu.autotuned(_bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
+        kernel[(n_rows,)](*args, **flags)
+
+
+def _bias_residual_layer_norm_fwd_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    linear_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    x2 = _tu.flatten_rows(x)
+    residual2 = _tu.flatten_rows(residual) if residual is not None else None
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _layer_norm_launch(
+        x2,
+        weight.contiguous(),
+        bias.contiguous(),
+        eps,
+        linear_bias.contiguous() if linear_bias is not None else None,
+        residual2,
+        y,
+    )
+    return y.view(x.shape)
+
+
+def _bias_residual_layer_norm_fwd_fake(x, weight, bias, eps, linear_bias, residual):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_bias_residual_layer_norm_op = _tu.register_op(
+    "bias_residual_layer_norm_fwd",
+    "(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias, Tensor? residual) -> Tensor",
+    _bias_residual_layer_norm_fwd_impl,
+    _bias_residual_layer_norm_fwd_fake,
+)
+
+
+def bias_residual_layer_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    linear_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape."""
+    _check(x, weight, bias, linear_bias, residual)
+    if _tu.compiling() and _bias_residual_layer_norm_op is not None:
+        return _bias_residual_layer_norm_op(x, weight, bias, float(eps), linear_bias, residual)
+    return _bias_residual_layer_norm_fwd_impl(x, weight, bias, eps, linear_bias, residual)

@@ -1,0 +1,131 @@
+"""Shared plumbing for the Triton backends of the fused ops (issue 3).
+
+* ``triton`` stays optional: when it cannot be imported, :data:`TRITON_IMPORT_ERROR` says why,
+  :func:`jit` returns the plain Python function (never launched: every op's ``_triton_support``
+  then returns a reason and the dispatcher falls back), and ``tl`` is ``None``. Kernels use
+  ``from __future__ import annotations``, so their ``tl.constexpr`` annotations are never evaluated
+  at definition time.
+* Nothing here touches the GPU or Triton's driver at import time: autotuned kernels are built on
+  first use (:func:`autotuned`), and the configs are plain :class:`triton.Config` objects.
+* Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tests) autotuning cannot launch
+  kernels to time them, so every launcher uses one fixed, small config there.
+* torch.compile: every launcher is also registered as a ``torch.library.custom_op`` in the
+  ``bert_fast_triton`` namespace with a fake (meta) implementation. Launchers route through the
+  custom op only while Dynamo traces (``torch.compiler.is_compiling()``), so eager calls pay no
+  dispatcher overhead and compiled graphs hold one opaque node per fused op (no graph break).
+  The namespace is distinct from the C++ extension's ``bert_fast`` library on purpose.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import _backend
+
+try:  # triton is an optional dependency
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    TRITON_IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
+
+#: torch.library namespace of the custom ops wrapping our launchers.
+OP_NAMESPACE = "bert_fast_triton"
+
+#: dtypes every Triton kernel accepts for activations.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Largest hidden size of the row kernels (LayerNorm, embeddings): one row lives in registers.
+MAX_HIDDEN = 4096
+
+
+def jit(fn: Callable) -> Callable:
+    """``triton.jit`` when triton is importable; otherwise the function itself (never launched)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    return _backend.interpreter_enabled()
+
+
+def unsupported_common(*tensors: torch.Tensor | None) -> str | None:
+    """Reasons shared by all ops: triton importable, a supported dtype for every float tensor."""
+    if TRITON_IMPORT_ERROR is not None:
+        return TRITON_IMPORT_ERROR
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype} is not supported (fp16, bf16, fp32)"
+    return None
+
+
+def row_warps(block: int) -> list[int]:
+    """Warp counts for a kernel holding one ``block``-wide row in registers.
+
+    At least one element per thread and at most 32 fp32 values per thread per live row tile (the
+    row kernels keep two or three such tiles live), which bounds register use well below the
+    255-per-thread limit; :mod:`tests.test_triton_aot` checks for spills on sm_80 and sm_90a.
+    """
+    return [w for w in (1, 2, 4, 8, 16) if 32 * w <= max(block, 32) and block <= 32 * 32 * w]
+
+
+def row_configs(block: int) -> list:
+    """Autotune configs of the row kernels (LayerNorm, embeddings + LayerNorm) for a row block."""
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in row_warps(block)]
+
+
+#: Config used for the row kernels under the interpreter (the warp count is ignored there).
+INTERPRET_ROW_WARPS = 4
+
+
+@functools.cache
+def autotuned(kernel: Callable, key: tuple[str, ...], configs_fn: Callable, *bucket: object) -> Callable:
+    """``triton.autotune(configs_fn(*bucket), key)(kernel)``, built on first use and cached per bucket.
+
+    ``bucket`` holds the launcher's compile-time choices the configs depend on (row block, head
+    dim); ``key`` names the runtime arguments whose values select a tuned config (Triton also adds
+    the dtypes of all tensor arguments to the key).
+    """
+    return triton.autotune(configs=configs_fn(*bucket), key=list(key))(kernel)
+
+
+def register_op(name: str, schema: str, impl: Callable, fake: Callable) -> Callable | None:
+    """Register ``impl`` as ``bert_fast_triton::<name>`` with a fake implementation.
+
+    Returns the op (``torch.ops.bert_fast_triton.<name>``) or ``None`` when registration is not
+    possible in this torch (then torch.compile graph-breaks around the launcher instead).
+    """
+    try:
+        op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+    except Exception:  # pragma: no cover - very old or unusual torch builds
+        return None
+    return op
+
+
+def compiling() -> bool:
+    """True while Dynamo traces (launchers then call their custom op)."""
+    return torch.compiler.is_compiling()
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (R, H) with unit column stride; a view whenever possible."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def check_same_device(op: str, ref: torch.Tensor, tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    for name, t in tensors:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {ref.device}")
