@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from .kernels import BackendUnavailableError, use_backend
+from .kernels import BackendUnavailableError as BackendUnavailableError
+from .kernels import use_backend as use_backend
 
 __version__ = "0.1.0"
 
