@@ -1,0 +1,116 @@
+// Shared helpers for the CPU kernels of bert_fast._C: argument checks and fp32 <-> storage-type
+// vector loads/stores on top of at::vec.
+//
+// Vector width: at::vec picks its implementation from the CPU_CAPABILITY_* macros that setup.py
+// passes (AVX2 by default on x86-64, AVX-512 with BERT_FAST_NATIVE=1; the generic, compiler-
+// vectorized fallback elsewhere). All arithmetic below is fp32 whatever the storage type.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace bert_fast {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// Load up to kVec elements (count n) of T as fp32 lanes; lanes past n are zero.
+inline Vec load_f(const float* p, int64_t n = kVec) {
+  return n == kVec ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+template <typename T>
+inline Vec load_f(const T* p, int64_t n = kVec) {
+  if (n == kVec) {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+  float tmp[kVec] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return Vec::loadu(tmp);
+}
+
+// Store the first n (<= kVec) fp32 lanes of v as T (one rounding, round-to-nearest-even).
+inline void store_f(float* p, const Vec& v, int64_t n = kVec) {
+  if (n == kVec) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
+template <typename T>
+inline void store_f(T* p, const Vec& v, int64_t n = kVec) {
+  // convert_from_float packs two fp32 vectors into one 16-bit vector of 2*kVec lanes; we pass v
+  // twice and store only the first n lanes.
+  at::vec::Vectorized<T> h = at::vec::convert_from_float<T>(v, v);
+  h.store(p, static_cast<int>(n));
+}
+
+// ---- argument checks (messages name the op, the argument, the value and the limit) ----------
+
+inline std::string dtype_name(at::ScalarType t) { return std::string(c10::toString(t)); }
+
+inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype_name(dt));
+}
+
+inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least one dimension");
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+              " must be contiguous in its last dimension (stride(-1) == 1), got stride ", t.stride(-1));
+}
+
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n, ",), got ", t.sizes());
+}
+
+inline void check_index_dtype(const char* op, const char* name, const at::Tensor& t) {
+  auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kLong || dt == at::kInt, op, ": ", name, " must be int64 or int32, got ", dtype_name(dt));
+}
+
+// A 1-D parameter (weight, bias) as a contiguous fp32 tensor: parameters are tiny (H elements), so
+// converting them once per call costs nothing and lets one kernel serve fp32 parameters with
+// bf16/fp16 activations too. The user's tensor is never modified.
+inline at::Tensor param_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Rows per parallel task so that each task touches at least ~16K elements.
+inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }
+
+// float32 / bfloat16 / float16 only (AT_DISPATCH_FLOATING_TYPES would also instantiate double).
+#define BF_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                   \
+  [&] {                                                                            \
+    switch (TYPE) {                                                                \
+      case at::kFloat: {                                                           \
+        using scalar_t = float;                                                    \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case at::kBFloat16: {                                                        \
+        using scalar_t = at::BFloat16;                                             \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case at::kHalf: {                                                            \
+        using scalar_t = at::Half;                                                 \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      default:                                                                     \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", c10::toString(TYPE));      \
+    }                                                                              \
+  }()
+
+}  // namespace bert_fast

@@ -1,0 +1,89 @@
+// bert_fast._C: operator schemas (TORCH_LIBRARY), the CPU kernels' registration, and the Python
+// module. Fake (meta) implementations for torch.compile live in kernels/_cpp.py; CUDA kernels
+// are registered in cuda_ops.cpp when the extension is built WITH_CUDA.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
+#include "ops.h"
+
+namespace bert_fast {
+
+TORCH_LIBRARY(bert_fast, m) {
+  m.def(
+      "bias_residual_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias=None, "
+      "Tensor? residual=None) -> Tensor");
+  m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor");
+  m.def(
+      "embed_layer_norm(Tensor? input_ids, Tensor position_ids, Tensor? token_type_ids, Tensor word_emb, "
+      "Tensor pos_emb, Tensor type_emb, Tensor weight, Tensor bias, float eps, Tensor? inputs_embeds=None) -> Tensor");
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) -> Tensor");
+  // max_seqlen comes back as a 0-d int32 tensor (an op cannot return a data-dependent int); the
+  // Python wrapper turns it into a Python int.
+  m.def("unpad_mask(Tensor mask) -> (Tensor indices, Tensor cu_seqlens, Tensor max_seqlen)");
+  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
+  m.def("scatter_rows(Tensor x, Tensor indices, SymInt num_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cpu);
+  m.impl("bias_act", &bias_act_cpu);
+  m.impl("embed_layer_norm", &embed_layer_norm_cpu);
+  m.impl("varlen_attention", &varlen_attention_cpu);
+  m.impl("unpad_mask", &unpad_mask_cpu);
+  m.impl("gather_rows", &gather_rows_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
+}
+
+}  // namespace bert_fast
+
+namespace {
+
+// The CPU kernels are compiled for the instruction set setup.py chose (see BERT_FAST_CPU_ISA);
+// refuse to load on a CPU without it rather than die later of an illegal instruction. The
+// package then falls back to the torch backend.
+const char* missing_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+#if defined(__AVX512BW__)
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
+    return "AVX-512 (F, BW, VL, DQ)";
+#endif
+#if defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return "AVX2 and FMA";
+#endif
+#endif
+  return nullptr;
+}
+
+struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                 "bert_fast's C++/CUDA kernels, registered as torch.ops.bert_fast.*", -1, nullptr};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  if (const char* isa = missing_isa()) {
+    PyErr_Format(PyExc_ImportError, "bert_fast._C was compiled for %s, which this CPU does not support", isa);
+    return nullptr;
+  }
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  PyModule_AddObject(mod, "WITH_CUDA", Py_NewRef(Py_True));
+#else
+  PyModule_AddObject(mod, "WITH_CUDA", Py_NewRef(Py_False));
+#endif
+#if defined(__AVX512BW__)
+  PyModule_AddStringConstant(mod, "CPU_ISA", "avx512");
+#elif defined(__AVX2__)
+  PyModule_AddStringConstant(mod, "CPU_ISA", "avx2");
+#else
+  PyModule_AddStringConstant(mod, "CPU_ISA", "generic");
+#endif
+  return mod;
+}
