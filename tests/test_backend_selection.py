@@ -62,6 +62,8 @@ def test_explicit_cpp_without_extension_says_how_to_build(monkeypatch):
     assert _backend.resolve("bias_act", CPU, "auto", supports={"triton": "no"}) == "torch"
 
 
+@pytest.mark.skipif(not _backend.cpp_usable(CPU), reason="bert_fast._C not built")
 def test_explicit_unsupported_call_raises():
     with pytest.raises(bert_fast.BackendUnavailableError, match="cannot serve this call: too big"):
-        _backend.resolve("op", CPU, "torch", supports={"torch": "too big"})
+        _backend.resolve("op", CPU, "cpp", supports={"cpp": "too big"})
+    assert _backend.resolve("op", CPU, "torch", supports={"cpp": "too big"}) == "torch"
