@@ -177,6 +177,18 @@ inline void scale_row(float* s, int64_t L, float f) {
   }
 }
 
+// dst[j] = T(src[j] * f), full-width 16-bit stores in the main loop
+template <typename T>
+inline void convert_row(const float* src, T* dst, int64_t n, float f) {
+  const Vec vf(f);
+  int64_t j = 0;
+  for (; j + 2 * kVec <= n; j += 2 * kVec) store2_f(dst + j, Vec::loadu(src + j) * vf, Vec::loadu(src + j + kVec) * vf);
+  for (; j < n; j += kVec) {
+    const int64_t c = std::min(kVec, n - j);
+    store_f(dst + j, Vec::loadu(src + j, c) * vf, c);
+  }
+}
+
 template <typename T>
 inline void convert_rows(const T* src, int64_t lds, float* dst, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -236,22 +248,13 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
     for (int64_t i = 0; i < m; ++i) {
       float* row = S + i * L;
       inv[i] = softmax_unnormalized(row, L);
-      for (int64_t j = 0; j < L; j += kVec) {
-        const int64_t n = std::min(kVec, L - j);
-        store_f(P + i * L + j, Vec::loadu(row + j, n), n);
-      }
+      convert_row(row, P + i * L, L, 1.f);
     }
     float* Of = sc.o.data();  // (m x d) fp32
     g16(kColMajor, kNoTrans, kNoTrans, static_cast<int>(d), static_cast<int>(m), static_cast<int>(L), 1.f, v16,
         static_cast<int>(p.sv), reinterpret_cast<const uint16_t*>(P), static_cast<int>(L), 0.f, Of,
         static_cast<int>(d));
-    for (int64_t i = 0; i < m; ++i) {
-      const Vec f(inv[i]);
-      for (int64_t j = 0; j < d; j += kVec) {
-        const int64_t n = std::min(kVec, d - j);
-        store_f(O + i * ldo + j, Vec::loadu(Of + i * d + j, n) * f, n);
-      }
-    }
+    for (int64_t i = 0; i < m; ++i) convert_row(Of + i * d, O + i * ldo, d, inv[i]);
   } else {
     // 16-bit without a 16-bit BLAS: convert this task's operands to fp32
     float *Qf = sc.qf.data(), *Kf = sc.kf.data(), *Vf = sc.vf.data(), *Of = sc.o.data();
@@ -267,13 +270,7 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
       for (int64_t j = 0; j < L; ++j) row[j] = static_cast<float>(static_cast<T>(row[j]));
     }
     sgemm_nn(m, d, L, S, L, Vf, d, Of, d);
-    for (int64_t i = 0; i < m; ++i) {
-      const Vec f(inv[i]);
-      for (int64_t j = 0; j < d; j += kVec) {
-        const int64_t n = std::min(kVec, d - j);
-        store_f(O + i * ldo + j, Vec::loadu(Of + i * d + j, n) * f, n);
-      }
-    }
+    for (int64_t i = 0; i < m; ++i) convert_row(Of + i * d, O + i * ldo, d, inv[i]);
   }
 }
 

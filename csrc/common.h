@@ -55,6 +55,40 @@ inline void store_f(T* p, const Vec& v, int64_t n = kVec) {
   h.store(p, static_cast<int>(n));
 }
 
+// Two fp32 vectors from 2 * kVec consecutive elements (one 16-bit vector for bf16/fp16), and
+// back: the full-width loads/stores of the main loops (the count variants above serve the tails).
+inline void load2_f(const float* p, Vec& a, Vec& b) {
+  a = Vec::loadu(p);
+  b = Vec::loadu(p + kVec);
+}
+template <typename T>
+inline void load2_f(const T* p, Vec& a, Vec& b) {
+  at::vec::load_to_float<T>(p, a, b);
+}
+inline void store2_f(float* p, const Vec& a, const Vec& b) {
+  a.store(p);
+  b.store(p + kVec);
+}
+template <typename T>
+inline void store2_f(T* p, const Vec& a, const Vec& b) {
+  at::vec::convert_from_float<T>(a, b).store(p);
+}
+
+// y[j] = f(j, x[j]) over a row of n elements, fp32 lanes: full 2 * kVec steps, then the tail.
+template <typename T, typename F>
+inline void map_row(const T* x, T* y, int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + 2 * kVec <= n; j += 2 * kVec) {
+    Vec a, b;
+    load2_f(x + j, a, b);
+    store2_f(y + j, f(j, a), f(j + kVec, b));
+  }
+  for (; j < n; j += kVec) {
+    const int64_t c = std::min(kVec, n - j);
+    store_f(y + j, f(j, load_f(x + j, c)), c);
+  }
+}
+
 // ---- argument checks (messages name the op, the argument, the value and the limit) ----------
 
 inline std::string dtype_name(at::ScalarType t) { return std::string(c10::toString(t)); }
