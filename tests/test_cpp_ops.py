@@ -15,17 +15,14 @@ import sys
 
 import pytest
 import torch
-
-from bert_fast import kernels as K
 from bert_fast.kernels import _backend
 
+from bert_fast import kernels as K
+
 if _backend.load_cpp_extension() is None:
-    pytest.skip(
-        "bert_fast._C is not built (pip install --no-build-isolation -e . builds it)", allow_module_level=True
-    )
+    pytest.skip("bert_fast._C is not built (pip install --no-build-isolation -e . builds it)", allow_module_level=True)
 
 from bert_fast.kernels import _cpp  # noqa: E402
-
 from tolerances import (  # noqa: E402
     FP32_ATTN_ATOL,
     FP32_OP_ATOL,
@@ -65,8 +62,14 @@ def test_bias_residual_layer_norm(dtype, hidden, with_lb, with_res):
     res = torch.randn(33, hidden, dtype=dtype) if with_res else None
     ours = K.bias_residual_layer_norm(x, w, b, EPS, linear_bias=lb, residual=res, backend="cpp")
     assert ours.dtype == dtype and ours.is_contiguous()
-    _check(ours, lambda *a: K.bias_residual_layer_norm_ref(*a), (x, w, b, EPS, lb, res), dtype, FP32_OP_ATOL,
-           f"brln {dtype} H={hidden}")
+    _check(
+        ours,
+        lambda *a: K.bias_residual_layer_norm_ref(*a),
+        (x, w, b, EPS, lb, res),
+        dtype,
+        FP32_OP_ATOL,
+        f"brln {dtype} H={hidden}",
+    )
 
 
 def test_bias_residual_layer_norm_strided_and_3d():
@@ -99,8 +102,14 @@ def test_bias_act(dtype, activation, cols, with_bias):
     bias = torch.randn(cols, dtype=dtype) if with_bias else None
     ours = K.bias_act(x, bias, activation, backend="cpp")
     assert ours.dtype == dtype and ours.shape == x.shape
-    _check(ours, lambda x, b: K.bias_act_ref(x, b, activation), (x, bias), dtype, FP32_OP_ATOL,
-           f"bias_act {activation} {dtype}")
+    _check(
+        ours,
+        lambda x, b: K.bias_act_ref(x, b, activation),
+        (x, bias),
+        dtype,
+        FP32_OP_ATOL,
+        f"bias_act {activation} {dtype}",
+    )
 
 
 def test_bias_act_extreme_values():
@@ -128,13 +137,15 @@ def test_embed_layer_norm(dtype, hidden, with_types, use_embeds):
     pos = torch.randint(0, 64, (n,), dtype=torch.int32)
     tt = torch.randint(0, 2, (n,)) if with_types else None
     embeds = torch.randn(n, hidden, dtype=dtype) if use_embeds else None
-    ours = K.embed_layer_norm(None if use_embeds else ids, pos, tt, we, pe, te, w, b, EPS, inputs_embeds=embeds,
-                              backend="cpp")
+    ours = K.embed_layer_norm(
+        None if use_embeds else ids, pos, tt, we, pe, te, w, b, EPS, inputs_embeds=embeds, backend="cpp"
+    )
     assert ours.shape == (n, hidden) and ours.dtype == dtype
 
     def ref(we, pe, te, w, b, embeds):
-        return K.embed_layer_norm_ref(None if use_embeds else ids, pos.long(), tt, we, pe, te, w, b, EPS,
-                                      inputs_embeds=embeds)
+        return K.embed_layer_norm_ref(
+            None if use_embeds else ids, pos.long(), tt, we, pe, te, w, b, EPS, inputs_embeds=embeds
+        )
 
     _check(ours, ref, (we, pe, te, w, b, embeds), dtype, FP32_OP_ATOL, f"embed {dtype} H={hidden}")
 
@@ -319,8 +330,9 @@ def test_gradients():
     x, res, w, b, lb = torch.randn(5, h), torch.randn(5, h), torch.randn(h), torch.randn(h), torch.randn(h)
 
     def brln(backend):
-        return lambda x, w, b, lb, res: K.bias_residual_layer_norm(x, w, b, 1e-12, linear_bias=lb, residual=res,
-                                                                   backend=backend)
+        return lambda x, w, b, lb, res: K.bias_residual_layer_norm(
+            x, w, b, 1e-12, linear_bias=lb, residual=res, backend=backend
+        )
 
     torch.manual_seed(1)
     _assert_same_grads(brln("cpp"), brln("torch"), (x, w, b, lb, res), 1e-4)
@@ -354,7 +366,7 @@ def test_gradients():
 
 def test_errors():
     x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
-    with pytest.raises(RuntimeError, match=r"bias_residual_layer_norm: x must be float32, bfloat16 or float16, got Long"):
+    with pytest.raises(RuntimeError, match=r"layer_norm: x must be float32, bfloat16 or float16, got Long"):
         _cpp.bias_residual_layer_norm(x.long(), w, b, 1e-5, None, None)
     with pytest.raises(RuntimeError, match=r"weight must have shape \(8,\), got \[7\]"):
         _cpp.bias_residual_layer_norm(x, w[:7], b, 1e-5, None, None)

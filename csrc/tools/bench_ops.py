@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bert_fast import kernels as K
 
 LENS = (128, 16, 72, 40, 100, 24, 88, 56)
-H, I, HEADS = 768, 3072, 12
+H, INTER, HEADS = 768, 3072, 12
 
 
 def _time(fn, reps: int) -> list[float]:
@@ -67,64 +67,68 @@ def main() -> None:
     scale = 1.0 / math.sqrt(d)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={n}, hidden={H}, heads={HEADS}")
     for dtname in args.dtypes.split(","):
-        dt = getattr(torch, dtname)
         print(f"--- {dtname}")
-        x = torch.randn(n, H, dtype=dt)
-        res = torch.randn(n, H, dtype=dt)
-        w, b, lb = (torch.randn(H, dtype=dt) for _ in range(3))
-        inter = torch.randn(n, I, dtype=dt)
-        ib = torch.randn(I, dtype=dt)
-        qkv = torch.randn(n, 3 * H, dtype=dt)
-        q, k, v = (t.view(n, HEADS, d) for t in qkv.split(H, dim=1))
-        we, pe, te = torch.randn(30522, H, dtype=dt), torch.randn(512, H, dtype=dt), torch.randn(2, H, dtype=dt)
-        ids = torch.randint(0, 30522, (n,))
-        pos = torch.cat([torch.arange(L) for L in LENS])
-        tt = torch.zeros(n, dtype=torch.long)
-        mask = torch.zeros(len(LENS), max(LENS), dtype=torch.long)
-        for i, L in enumerate(LENS):
-            mask[i, :L] = 1
-        indices = K.unpad_mask_ref(mask)[0]
-        padded = torch.randn(mask.numel(), H, dtype=dt)
+        run_dtype(getattr(torch, dtname), cu, n, d, scale, args.reps)
 
-        def both(fn):
-            return (lambda: fn("cpp")), (lambda: fn("torch"))
 
-        ops = {
-            "bias_residual_layer_norm": lambda be: K.bias_residual_layer_norm(
-                x, w, b, 1e-12, linear_bias=lb, residual=res, backend=be
-            ),
-            "bias_act gelu (N x 3072)": lambda be: K.bias_act(inter, ib, "gelu", backend=be),
-            "bias_act gelu_tanh (N x 3072)": lambda be: K.bias_act(inter, ib, "gelu_tanh", backend=be),
-            "embed_layer_norm": lambda be: K.embed_layer_norm(ids, pos, tt, we, pe, te, w, b, 1e-12, backend=be),
-            "varlen_attention": lambda be: K.varlen_attention(q, k, v, cu, max(LENS), scale=scale, backend=be),
-            "unpad_mask": lambda be: K.unpad_mask(mask, backend=be),
-            "gather_rows": lambda be: K.gather_rows(padded, indices, backend=be),
-            "scatter_rows": lambda be: K.scatter_rows(x, indices, mask.numel(), backend=be),
-        }
-        with torch.inference_mode():
-            for name, fn in ops.items():
-                compare(name, *both(fn), args.reps)
+def run_dtype(dt: torch.dtype, cu: torch.Tensor, n: int, d: int, scale: float, reps: int) -> None:
+    x = torch.randn(n, H, dtype=dt)
+    res = torch.randn(n, H, dtype=dt)
+    w, b, lb = (torch.randn(H, dtype=dt) for _ in range(3))
+    inter = torch.randn(n, INTER, dtype=dt)
+    ib = torch.randn(INTER, dtype=dt)
+    qkv = torch.randn(n, 3 * H, dtype=dt)
+    q, k, v = (t.view(n, HEADS, d) for t in qkv.split(H, dim=1))
+    we, pe, te = torch.randn(30522, H, dtype=dt), torch.randn(512, H, dtype=dt), torch.randn(2, H, dtype=dt)
+    ids = torch.randint(0, 30522, (n,))
+    pos = torch.cat([torch.arange(L) for L in LENS])
+    tt = torch.zeros(n, dtype=torch.long)
+    mask = torch.zeros(len(LENS), max(LENS), dtype=torch.long)
+    for i, L in enumerate(LENS):
+        mask[i, :L] = 1
+    indices = K.unpad_mask_ref(mask)[0]
+    padded = torch.randn(mask.numel(), H, dtype=dt)
 
-            wqkv, wo = torch.randn(3 * H, H, dtype=dt) * 0.02, torch.randn(H, H, dtype=dt) * 0.02
-            wi, wo2 = torch.randn(I, H, dtype=dt) * 0.02, torch.randn(H, I, dtype=dt) * 0.02
-            bqkv = torch.randn(3 * H, dtype=dt)
+    def both(fn):
+        return (lambda: fn("cpp")), (lambda: fn("torch"))
 
-            def linears():
-                F.linear(x, wqkv)
-                F.linear(x, wo)
-                F.linear(x, wi)
-                F.linear(inter, wo2)
+    ops = {
+        "bias_residual_layer_norm": lambda be: K.bias_residual_layer_norm(
+            x, w, b, 1e-12, linear_bias=lb, residual=res, backend=be
+        ),
+        "bias_act gelu (N x 3072)": lambda be: K.bias_act(inter, ib, "gelu", backend=be),
+        "bias_act gelu_tanh (N x 3072)": lambda be: K.bias_act(inter, ib, "gelu_tanh", backend=be),
+        "embed_layer_norm": lambda be: K.embed_layer_norm(ids, pos, tt, we, pe, te, w, b, 1e-12, backend=be),
+        "varlen_attention": lambda be: K.varlen_attention(q, k, v, cu, max(LENS), scale=scale, backend=be),
+        "unpad_mask": lambda be: K.unpad_mask(mask, backend=be),
+        "gather_rows": lambda be: K.gather_rows(padded, indices, backend=be),
+        "scatter_rows": lambda be: K.scatter_rows(x, indices, mask.numel(), backend=be),
+    }
+    with torch.inference_mode():
+        for name, fn in ops.items():
+            compare(name, *both(fn), reps)
 
-            def layer(be):
-                h = F.linear(x, wqkv, bqkv)
-                qq, kk, vv = (t.view(n, HEADS, d) for t in h.split(H, dim=1))
-                a = K.varlen_attention(qq, kk, vv, cu, max(LENS), scale=scale, backend=be).view(n, H)
-                h1 = K.bias_residual_layer_norm(F.linear(a, wo), w, b, 1e-12, linear_bias=lb, residual=x, backend=be)
-                m = K.bias_act(F.linear(h1, wi), ib, "gelu", backend=be)
-                return K.bias_residual_layer_norm(F.linear(m, wo2), w, b, 1e-12, linear_bias=lb, residual=h1, backend=be)
+        wqkv, wo = torch.randn(3 * H, H, dtype=dt) * 0.02, torch.randn(H, H, dtype=dt) * 0.02
+        wi, wo2 = torch.randn(INTER, H, dtype=dt) * 0.02, torch.randn(H, INTER, dtype=dt) * 0.02
+        bqkv = torch.randn(3 * H, dtype=dt)
 
-            compare("layer (cpp ops) vs 4 GEMMs only", lambda: layer("cpp"), linears, args.reps)
-            compare("layer (torch ops) vs 4 GEMMs only", lambda: layer("torch"), linears, args.reps)
+        def linears():
+            F.linear(x, wqkv)
+            F.linear(x, wo)
+            F.linear(x, wi)
+            F.linear(inter, wo2)
+
+        def layer(be):
+            h = F.linear(x, wqkv, bqkv)
+            qq, kk, vv = (t.view(n, HEADS, d) for t in h.split(H, dim=1))
+            a = K.varlen_attention(qq, kk, vv, cu, max(LENS), scale=scale, backend=be).view(n, H)
+            h1 = K.bias_residual_layer_norm(F.linear(a, wo), w, b, 1e-12, linear_bias=lb, residual=x, backend=be)
+            m = K.bias_act(F.linear(h1, wi), ib, "gelu", backend=be)
+            out = F.linear(m, wo2)
+            return K.bias_residual_layer_norm(out, w, b, 1e-12, linear_bias=lb, residual=h1, backend=be)
+
+        compare("layer (cpp ops) vs 4 GEMMs only", lambda: layer("cpp"), linears, reps)
+        compare("layer (torch ops) vs 4 GEMMs only", lambda: layer("torch"), linears, reps)
 
 
 if __name__ == "__main__":
