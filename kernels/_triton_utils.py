@@ -71,11 +71,13 @@ def unsupported_common(*tensors: torch.Tensor | None) -> str | None:
 def row_warps(block: int) -> list[int]:
     """Warp counts for a kernel holding one ``block``-wide row in registers.
 
-    At least one element per thread and at most 32 fp32 values per thread per live row tile (the
-    row kernels keep two or three such tiles live), which bounds register use well below the
-    255-per-thread limit; :mod:`tests.test_triton_aot` checks for spills on sm_80 and sm_90a.
+    4 to 16 elements per thread: at least one 16-byte vector per thread for 32-bit data, and at
+    most 16 fp32 values per thread per live row tile (the row kernels keep about three such tiles
+    live), well below the register limit; ``tests/test_triton_aot.py`` checks for spills. Rows
+    too short for 4 elements per thread get one warp.
     """
-    return [w for w in (1, 2, 4, 8, 16) if 32 * w <= max(block, 32) and block <= 32 * 32 * w]
+    warps = [w for w in (1, 2, 4, 8, 16) if 4 * 32 * w <= block <= 16 * 32 * w]
+    return warps or [1]
 
 
 def row_configs(block: int) -> list:

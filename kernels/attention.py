@@ -19,7 +19,7 @@ denominator and the (BLOCK_M, head_dim) output accumulator in fp32 registers; pr
 query block starts past their sequence's length exit at once. Scores use ``exp2`` with
 ``scale * log2(e)`` folded in after the fp32 dot. q, k and v are read through their strides
 (token, head; unit stride along head_dim), so views into a fused (N, 3 * hidden) QKV output need
-no copy. Limits: head_dim <= 128 (padded to a power of two >= 16 with masks, e.g. 26 -> 32,
+no copy. Limits: head_dim <= 128 (padded to a power of two >= 32 with masks, e.g. 26 -> 32,
 80 -> 128), fp16/bf16/fp32 (fp32 dots use ``input_precision="ieee"``: exact fp32 products, no
 TF32), ``max_seqlen * token stride < 2^31``; ``max_seqlen`` must be >= every sequence's length
 (tokens past it are not computed). Tile sizes, warps and stages are autotuned on the GPU per
@@ -191,7 +191,7 @@ def _varlen_attention_fwd_kernel(
     qk_scale,  # softmax scale * log2(e): scores go through exp2
     seqlen_bucket,  # next power of two >= max_seqlen; only an autotune key, unused in the body
     HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16) (tl.arange, tl.dot's K >= 16)
+    D_PAD: tl.constexpr,  # next power of two >= max(HEAD_DIM, 32) (tl.arange; tl.dot needs K >= 16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" (ignored) for 16-bit
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -260,23 +260,25 @@ def _varlen_attention_fwd_kernel(
 
 
 def _attention_head_dim_bucket(head_dim: int) -> int:
-    return max(16, _tu.next_power_of_2(head_dim))
+    """Padded head_dim: a power of two >= 32 (tl.dot needs K >= 16; head_dim < 32 is rare enough
+    that padding it to 32 costs nothing that matters and saves a bucket of compiled kernels)."""
+    return max(32, _tu.next_power_of_2(head_dim))
 
 
 def _attention_configs(d_pad: int, fp32: bool) -> list:
     """Autotune configs (BLOCK_M, BLOCK_N, warps, stages) for one head_dim bucket and precision.
 
-    Register budget: the fp32 accumulator is BLOCK_M * D_PAD / (32 * warps) values per thread, the
-    score tile BLOCK_M * BLOCK_N / (32 * warps); both are kept <= 64. fp32 inputs use smaller
-    tiles (IEEE dots run on FMA units and hold fp32 operands in registers). Every config here is
-    compiled for sm_80 and sm_90a by tests/test_triton_aot.py, which fails on spills.
+    Chosen from ptxas resource usage (tests/test_triton_aot.py compiles every one for sm_80 and
+    sm_90a and fails on spills): 16-bit inputs keep the (BLOCK_M, D_PAD) fp32 accumulator at
+    <= 64 values per thread; fp32 inputs with IEEE dots run on FMA units with whole operand tiles
+    in registers, so their tiles are much smaller (e.g. 64x32 with 4 warps spills at head_dim 64).
     """
     if fp32:
-        cands = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)] if d_pad <= 64 else [(32, 32, 4, 2), (64, 32, 8, 2)]
+        cands = [(32, 32, 4, 2), (64, 32, 8, 2)] if d_pad <= 64 else [(16, 32, 4, 2), (32, 32, 8, 2)]
     elif d_pad <= 64:
-        cands = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]
+        cands = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]
     else:
-        cands = [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]
+        cands = [(64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
 
 

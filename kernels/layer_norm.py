@@ -149,9 +149,14 @@ def _bias_residual_layer_norm_fwd_kernel(
         h += tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         h += tl.load(Residual + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / n_cols
-    # Two-pass variance from registers; masked lanes are zeroed again (they would hold -mean).
-    diff = tl.where(mask, h - mean, 0.0)
+    # Shifted two-pass statistics from registers. Subtracting the row's first element before
+    # summing makes the mean, and so the variance, exact for a constant row: with eps = 1e-12,
+    # rstd is ~1e6 there and any rounding left in (h - mean) would be amplified to O(0.1)
+    # (PyTorch's Welford LayerNorm gives exactly 0 too). Masked lanes are zeroed each time.
+    shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
+    hs = tl.where(mask, h - shift, 0.0)
+    mean_s = tl.sum(hs, axis=0) / n_cols
+    diff = tl.where(mask, hs - mean_s, 0.0)  # = h - mean
     var = tl.sum(diff * diff, axis=0) / n_cols  # biased, as nn.LayerNorm
     # eps exactly as given (1e-12 is a normal fp32 number; no clamping). rsqrt as in PyTorch's
     # own CUDA LayerNorm kernel.
