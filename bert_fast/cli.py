@@ -1,0 +1,174 @@
+"""Command line: ``bert-fast`` / ``python -m bert_fast``.
+
+* ``bench``: run the benchmark grid (:mod:`bert_fast.bench`), print a table, write JSON + CSV into
+  the output folder and (unless ``--no-plot``) draw the charts from the JSON it just wrote.
+* ``plot RESULTS.json [-o DIR]``: draw the charts (:mod:`bert_fast.plot`) from a results file.
+
+With no command, ``bench`` runs with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _csv_list(kind=str):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(x) for x in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench import PRESETS, PROFILES, PROVIDERS
+
+    g = p.add_argument_group("what to run (grid options left out take the device's default grid)")
+    g.add_argument(
+        "--model",
+        type=_csv_list(),
+        default=["base"],
+        help=f"comma-separated presets ({', '.join(PRESETS)}; random weights, seeded) and/or local checkpoint "
+        "directories in Hugging Face layout (default: base)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    g.add_argument("--dtypes", type=_csv_list(), help="fp32, bf16, fp16 (default CPU: fp32,bf16; CUDA: fp16,bf16)")
+    g.add_argument("--batch-sizes", type=_csv_list(int), help="default CPU: 8; CUDA: 8,32")
+    g.add_argument("--seq-lens", type=_csv_list(int), help="padded sequence lengths (default CPU: 128; CUDA: 128,512)")
+    g.add_argument(
+        "--profiles",
+        type=_csv_list(),
+        help=f"padding profiles: {', '.join(PROFILES)} (fixed: no padding; varlen: lengths uniform in "
+        "[L/8, L], longest = L, seeded; issue6: batch 8, lengths 128,16,72,40,100,24,88,56). "
+        "Default CPU: issue6,fixed; CUDA: fixed,varlen,issue6",
+    )
+    g.add_argument(
+        "--providers",
+        type=_csv_list(),
+        default=list(PROVIDERS),
+        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default: all)",
+    )
+    g.add_argument("--repeats", type=int, help="timed rounds per cell (default CPU: 3; CUDA: 20)")
+    g.add_argument("--warmup", type=int, help="untimed calls per provider and cell first (default CPU: 1; CUDA: 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    g.add_argument("--threads", type=int, help="torch and ONNX Runtime CPU threads (default: torch's default)")
+    g.add_argument(
+        "--varlen-min-fraction",
+        type=float,
+        default=0.125,
+        help="varlen lengths are drawn uniformly from [ceil(L * this), L] (default 0.125)",
+    )
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds; cells not started within it (split evenly between models) are reported as skipped",
+    )
+    g.add_argument(
+        "--compile-dynamic",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="dynamic= for torch.compile of hf-sdpa-compile (auto: torch's default, recompile on new shapes)",
+    )
+    g.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: datasheet table)")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--out", default="bench_out", help="output folder (default bench_out/)")
+    o.add_argument("--name", default="results", help="file name stem: NAME.json, NAME.csv (default results)")
+    o.add_argument("--no-plot", action="store_true", help="do not draw the PNG charts")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bert-fast", description="bert_fast tools: end-to-end benchmark and its charts."
+    )
+    sub = parser.add_subparsers(dest="command")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark bert_fast against HF eager/sdpa, torch.compile, ONNX Runtime and the GEMM floor",
+        description="Benchmark bert_fast side by side with what users would otherwise run. "
+        "Without options: BERT-base with random weights on the best device present.",
+    )
+    _add_bench_args(bench)
+    plot = sub.add_parser("plot", help="draw PNG charts from a results JSON", description="Draw PNG charts.")
+    plot.add_argument("results", help="a results JSON written by `bert-fast bench`")
+    plot.add_argument("-o", "--out", help="output folder (default: the JSON's folder)")
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .bench import Settings
+
+    return Settings(
+        models=args.model,
+        device=args.device,
+        dtypes=args.dtypes,
+        batch_sizes=args.batch_sizes,
+        seq_lens=args.seq_lens,
+        profiles=args.profiles,
+        providers=args.providers,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        out_dir=args.out,
+        seed=args.seed,
+        threads=args.threads,
+        varlen_min_fraction=args.varlen_min_fraction,
+        time_budget_s=args.time_budget,
+        compile_dynamic=args.compile_dynamic,
+        peak_tflops=args.peak_tflops,
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Benchmarks never download: weights are random (presets) or read from a local folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from . import bench
+
+    t0 = time.perf_counter()
+    results = bench.run(_settings(args), progress=not args.no_progress)
+    json_path, csv_path = bench.write_results(results, args.out, args.name)
+    print(bench.format_table(results))
+    print(f"\nwrote {json_path} and {csv_path}")
+    if not args.no_plot:
+        from . import plot
+
+        try:
+            paths = plot.plot_file(json_path, args.out)
+            print(f"wrote {len(paths)} charts into {args.out}")
+        except ImportError as exc:
+            print(f"charts skipped: {exc} (pip install matplotlib)", file=sys.stderr)
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import plot
+
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    paths = plot.plot_file(args.results, out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["bench", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        return cmd_plot(args)
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
