@@ -29,28 +29,43 @@ def _flag(name: str) -> str:
     return value
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False
+
+
 def _cpu_isa_flags() -> list[str]:
     """Compiler flags for the CPU kernels' instruction set (``BERT_FAST_CPU_ISA``).
 
     ``at::vec`` (used by the kernels) picks AVX2 / AVX-512 code from the ``CPU_CAPABILITY_*``
     macros at compile time; ATen's own runtime CPU dispatch does not reach extensions. So the
-    extension is built for one instruction set, and refuses to import (falling back to the torch
-    backend) on a CPU without it:
+    extension is built for one instruction set and, on a CPU without it, refuses to import
+    (``ImportError``; the package then falls back to the torch backend) instead of crashing:
 
-    * ``avx2`` (default on x86-64): AVX2 + FMA + F16C, any x86-64 CPU since 2013-2015.
-    * ``avx512``: AVX-512 F/BW/VL/DQ (server CPUs since 2017). Measured on the BERT-base op shapes:
-      no gain over avx2 for these memory-bound kernels (see csrc/README.md), so not the default.
+    * ``auto`` (default): ``avx512`` when the building CPU has AVX-512 F/BW/VL/DQ, else ``avx2`` on
+      x86-64, else ``generic``. Right for ``pip install`` on the machine that runs it and for CI
+      wheels built on the same kind of machine.
+    * ``avx2``: AVX2 + FMA + F16C, any x86-64 CPU since 2013-2015: use it for wheels meant for
+      unknown x86-64 CPUs. Measured cost on BERT-base shapes (csrc/README.md): the exact-GELU
+      bias_act is 2-3x slower than with AVX-512 (it is compute-bound: erf + exp per element).
+    * ``avx512``: AVX-512 F/BW/VL/DQ (server CPUs since 2017).
     * ``native``: ``-march=native``; not for wheels.
     * ``generic``: no ISA flags (other architectures; the compiler vectorizes what it can).
 
     The attention GEMMs go to the BLAS PyTorch links (MKL picks AVX-512/AMX at run time), so
-    they are not affected by this choice. ``BERT_FAST_NATIVE=1`` is an alias for ``native``.
+    they do not depend on this choice. ``BERT_FAST_NATIVE=1`` is an alias for ``native``.
     """
     import platform
 
-    default = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
-    isa = os.environ.get("BERT_FAST_CPU_ISA", "native" if os.environ.get("BERT_FAST_NATIVE") == "1" else default)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa = os.environ.get("BERT_FAST_CPU_ISA", "native" if os.environ.get("BERT_FAST_NATIVE") == "1" else "auto")
     isa = isa.strip().lower()
+    has_avx512 = all(_cpu_has(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    if isa == "auto":
+        isa = ("avx512" if has_avx512 else "avx2") if x86 else "generic"
     avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     avx512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     avx512 += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
@@ -59,20 +74,14 @@ def _cpu_isa_flags() -> list[str]:
     if isa == "avx512":
         return avx512
     if isa == "native":
-        flags = ["-march=native"]
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                cpu = f.read()
-        except OSError:
-            cpu = ""
-        if " avx512bw" in cpu:
-            return flags + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-        if " avx2" in cpu:
-            return flags + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-        return flags
+        if has_avx512:
+            return ["-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        if _cpu_has("avx2"):
+            return ["-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return ["-march=native"]
     if isa == "generic":
         return []
-    sys.exit(f"BERT_FAST_CPU_ISA must be avx2, avx512, native or generic (got {isa!r})")
+    sys.exit(f"BERT_FAST_CPU_ISA must be auto, avx2, avx512, native or generic (got {isa!r})")
 
 
 def _extensions():
