@@ -119,6 +119,8 @@ def _triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqle
 
 
 def _cpp_support(q: torch.Tensor, dropout_p: float) -> str | None:
+    if q.device.type != "cpu":
+        return "the C++ extension has a CPU attention kernel only (use triton on the GPU)"
     return "attention dropout is not fused" if dropout_p > 0 else None
 
 
