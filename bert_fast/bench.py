@@ -253,7 +253,7 @@ def profile_lengths(profile: str, batch: int, seq_len: int, seed: int, min_fract
         return list(ISSUE6_LENGTHS)
     if profile == "varlen":
         low = max(1, math.ceil(seq_len * min_fraction))
-        gen = torch.Generator().manual_seed(hash((seed, batch, seq_len)) & 0x7FFFFFFF)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + batch * 1009 + seq_len) & 0x7FFFFFFF)
         lengths = torch.randint(low, seq_len + 1, (batch,), generator=gen).tolist()
         lengths[max(range(batch), key=lambda i: lengths[i])] = seq_len
         return lengths
@@ -677,11 +677,14 @@ def _onnxruntime_provider(base, device: torch.device, dtype_name: str, threads: 
         opt.save_model_to_file(opt_path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads if not gpu else 0
+        # ONNX Runtime's pool threads spin after each run by default; in one process with
+        # PyTorch's OpenMP threads on the same cores they steal the CPU the next provider needs.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider"] if gpu else ["CPUExecutionProvider"]
         sess = ort.InferenceSession(opt_path, so, providers=providers)
     notes = f"exporter {exporter}; fused ops " + ", ".join(f"{k} x{v}" for k, v in sorted(fused.items()))
     if not gpu:
-        notes += f"; intra_op_num_threads {threads}"
+        notes += f"; intra_op_num_threads {threads}, allow_spinning 0"
     hidden = cfg.hidden_size
     names = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -836,6 +839,8 @@ def run(settings: Settings, progress: bool = True, log: Callable[[str], None] | 
         else "growth of peak RSS (VmHWM after /proc/self/clear_refs reset, after malloc_trim) during one forward"
     )
     meta["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # Other processes' load explains noisy timings on a shared machine: record it.
+    meta["loadavg_start"] = _loadavg()
     env_cols = {k: meta[k] for k in ("torch", "transformers", "bert_fast", "onnxruntime", "device_name", "threads")}
     env_cols["git_revision"] = meta["git_revision"]
 
@@ -910,12 +915,20 @@ def run(settings: Settings, progress: bool = True, log: Callable[[str], None] | 
     for r in records:
         r.update(env_cols)
     meta["wall_s"] = round(time.perf_counter() - started, 3)
+    meta["loadavg_end"] = _loadavg()
     return {
         "schema": SCHEMA_VERSION,
         "meta": meta,
         "settings": dataclasses.asdict(settings),
         "records": [{k: r.get(k) for k in (*RECORD_KEYS, "model_source")} for r in records],
     }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _record(cell_base: dict, dtype: str, provider: str, status: str, reason: str | None = None, **kw) -> dict:
