@@ -41,7 +41,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "directories in Hugging Face layout (default: base)",
     )
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    g.add_argument("--dtypes", type=_csv_list(), help="fp32, bf16, fp16 (default CPU: fp32,bf16; CUDA: fp16,bf16)")
+    g.add_argument("--dtypes", type=_csv_list(), help="fp32, bf16, fp16 (default CPU: fp32; CUDA: fp16,bf16)")
     g.add_argument("--batch-sizes", type=_csv_list(int), help="default CPU: 8; CUDA: 8,32")
     g.add_argument("--seq-lens", type=_csv_list(int), help="padded sequence lengths (default CPU: 128; CUDA: 128,512)")
     g.add_argument(
