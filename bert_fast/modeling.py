@@ -174,7 +174,9 @@ def _fused_qkv(self_attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.cat(tensors[:3]), torch.cat(tensors[3:])
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    # Inference tensors (made under torch.inference_mode) carry no version counter; their storage
+    # identity is the key then.
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
     cached = self_attn.__dict__.get("_bert_fast_qkv")
     if cached is None or cached[0] != key:
         with torch.no_grad():
