@@ -270,3 +270,18 @@ def test_optimize_rejects_non_bert():
         bert_fast.optimize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown backend"):
         bert_fast.optimize(transformers.BertModel(tiny_config()), backend="cuda")
+
+
+def test_model_built_under_inference_mode():
+    """Parameters that are inference tensors have no version counter; the QKV cache must cope."""
+    cfg = tiny_config()
+    ref, _ = paired(transformers.BertModel, bert_fast.BertModel, cfg)
+    ids, mask, _ = random_batch([4, 6], cfg)
+    with torch.inference_mode():
+        ours = bert_fast.optimize(copy.deepcopy(ref), backend="torch")
+        a = ref(ids, attention_mask=mask).last_hidden_state
+        b = ours(ids, attention_mask=mask).last_hidden_state
+        c = ours(ids, attention_mask=mask).last_hidden_state  # cached fused weights
+    valid = mask.bool()
+    assert_close_fp32(b[valid], a[valid], FP32_MODEL_ATOL, "inference-mode model")
+    assert torch.equal(b, c)
