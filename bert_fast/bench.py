@@ -28,13 +28,15 @@ What is measured, per cell (model, device, dtype, batch, seq_len, padding profil
   checked for accuracy):
 
   - CUDA: ``torch.cuda.max_memory_allocated`` during the call minus what was allocated before it
-    (weights and inputs excluded: the working memory of one forward). ONNX Runtime allocates
-    outside PyTorch's allocator, so it has no number there.
+    (weights and inputs excluded: the working memory of one forward).
   - CPU: growth of the process's peak resident set size during the call. Linux resets the peak
     (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``; before the call, free heap
     memory is handed back to the OS (``malloc_trim``) so that memory freed by earlier calls and
-    reused counts again. Everything the process touches is included (oneDNN scratch, ONNX Runtime
-    arenas), memory mapped but never touched is not. Unavailable (``None``) off Linux.
+    reused counts again. Everything the process touches is included (oneDNN scratch), memory
+    mapped but never touched is not. Unavailable (``None``) off Linux.
+  - ONNX Runtime: no number (``None``). On CPU it keeps its working memory in its own arena from
+    one run to the next (the growth of RSS reads 0); on CUDA it allocates outside PyTorch's
+    allocator.
 
 * accuracy: max |output - HF fp32 eager output| of ``last_hidden_state`` over valid (non-padding)
   tokens. Padded positions are each implementation's to define and are not compared.
@@ -431,11 +433,11 @@ def cpu_peak_rss_supported() -> bool:
 def measure_memory(fn: Callable[[], Any], device: torch.device, external: bool = False) -> tuple[Any, float | None]:
     """Run ``fn`` once; return (its result, peak memory in MiB or ``None``). See the module docstring."""
     gc.collect()
+    if external:  # memory held or allocated where these probes cannot see it (ONNX Runtime)
+        out = fn()
+        _sync(device)
+        return out, None
     if device.type == "cuda":
-        if external:  # allocations outside PyTorch's allocator are invisible to its counters
-            out = fn()
-            _sync(device)
-            return out, None
         _sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -713,7 +715,8 @@ def _onnxruntime_provider(base, device: torch.device, dtype_name: str, threads: 
 
         return run
 
-    return Provider("onnxruntime", prepare=prepare, notes=notes, external_memory=gpu, backend=providers[0])
+    notes += "; peak memory not measured (ONNX Runtime's own arena/allocator)"
+    return Provider("onnxruntime", prepare=prepare, notes=notes, external_memory=True, backend=providers[0])
 
 
 def build_provider(

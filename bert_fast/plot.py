@@ -6,7 +6,8 @@
   whisker, the speed ratio to HF sdpa written next to it); providers that did not run are listed
   with their status. Useful even for a single-cell run.
 * ``throughput_<model>_<dtype>_<profile>.png``: real tokens/s against sequence length, a line per
-  provider, one panel per batch size.
+  provider, one panel per batch size; when the run has one sequence length per batch size,
+  ``throughput_<model>_<dtype>.png`` instead: real tokens/s per provider, grouped by cell.
 * ``speedup_<model>.png``: speed ratio to HF sdpa against the batch's padding fraction, one panel
   per dtype.
 """
@@ -122,7 +123,7 @@ def _bar_panel(ax, rows: list[dict], colors) -> None:
         med, p90 = r["latency_ms_median"], r["latency_ms_p90"]
         ax.barh(y, med, color=colors[r["provider"]], height=0.7)
         ax.errorbar(med, y, xerr=[[0], [max(0.0, p90 - med)]], color="0.2", capsize=2, lw=0.8)
-        label = f"{med:.3g} ms"
+        label = f"{_ms(med)} ms"
         if r.get("speedup_vs_hf_sdpa"):
             label += f"  ({r['speedup_vs_hf_sdpa']:.2f}x sdpa)"
         ax.text(max(med, p90) + top * 0.01, y, label, va="center", ha="left", fontsize=8)
@@ -133,11 +134,18 @@ def _bar_panel(ax, rows: list[dict], colors) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
 def _throughput(plt, records, colors, out_dir, footer) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["status"] == "ok" and r["profile"] != "issue6":
             groups[(r["model"], r["dtype"], r["profile"])].append(r)
+    if all(len({r["seq_len"] for r in rows}) < 2 for rows in groups.values()):
+        # One sequence length per batch size: a line has one point. Compare the cells instead.
+        return _throughput_cells(plt, records, colors, out_dir, footer)
     paths = []
     for (model, dtype, profile), rows in groups.items():
         batches = sorted({r["batch"] for r in rows})
@@ -202,4 +210,36 @@ def _speedup(plt, records, colors, out_dir, footer) -> list[str]:
         fig.suptitle(f"Speedup over HF sdpa vs padding: {model} (above 1 = faster)")
         fig.tight_layout(rect=(0, 0.02, 1, 0.95))
         paths.append(_save(plt, fig, os.path.join(out_dir, f"speedup_{_slug(model)}.png"), footer))
+    return paths
+
+
+def _throughput_cells(plt, records, colors, out_dir, footer) -> list[str]:
+    """Real tokens/s per provider, grouped by cell: how throughput holds up as padding grows."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "ok":
+            groups[(r["model"], r["dtype"])].append(r)
+    paths = []
+    for (model, dtype), rows in groups.items():
+        cells = list(dict.fromkeys((r["batch"], r["seq_len"], r["profile"], r["padding_fraction"]) for r in rows))
+        provs = sorted({r["provider"] for r in rows}, key=list(colors).index)
+        width = 0.8 / len(provs)
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(cells) * len(provs) * 0.45 + 2), 4.6))
+        for pi, prov in enumerate(provs):
+            xs, ys = [], []
+            for ci, cell in enumerate(cells):
+                hit = [r for r in rows if r["provider"] == prov and (r["batch"], r["seq_len"], r["profile"],
+                                                                       r["padding_fraction"]) == cell]
+                if hit:
+                    xs.append(ci - 0.4 + width * (pi + 0.5))
+                    ys.append(hit[0]["tokens_per_s"])
+            ax.bar(xs, ys, width=width * 0.92, color=colors[prov], label=prov)
+        labels = [f"{b} x {L}, {p}\npadding {100 * f:.0f}%" for b, L, p, f in cells]
+        ax.set_xticks(range(len(cells)), labels, fontsize=9)
+        ax.set_ylabel("real (non-padding) tokens / s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.suptitle(f"Throughput on real tokens: {model} {dtype} (higher is better)")
+        fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+        paths.append(_save(plt, fig, os.path.join(out_dir, f"throughput_{_slug(model)}_{dtype}.png"), footer))
     return paths
