@@ -52,8 +52,8 @@ def _cell_title(r: dict) -> str:
     return f"{r['model']} {r['dtype']}  batch {r['batch']} x {r['seq_len']}  {r['profile']} (padding {pad:.0f}%)"
 
 
-def plot_results(results: dict[str, Any], out_dir: str) -> list[str]:
-    """Draw every chart for ``results``; return the PNG paths."""
+def plot_results(results: dict[str, Any], out_dir: str, prefix: str = "") -> list[str]:
+    """Draw every chart for ``results``; return the PNG paths. ``prefix`` starts every file name."""
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     records = results["records"]
@@ -64,13 +64,23 @@ def plot_results(results: dict[str, Any], out_dir: str) -> list[str]:
     paths += _latency_bars(plt, records, colors, out_dir, footer)
     paths += _throughput(plt, records, colors, out_dir, footer)
     paths += _speedup(plt, records, colors, out_dir, footer)
+    if prefix:
+        renamed = []
+        for path in paths:
+            new = os.path.join(os.path.dirname(path), prefix + os.path.basename(path))
+            os.replace(path, new)
+            renamed.append(new)
+        paths = renamed
     return paths
 
 
 def plot_file(json_path: str, out_dir: str | None = None) -> list[str]:
+    """Charts of one results file; a file not named ``results.json`` prefixes the PNGs with its stem."""
     with open(json_path, encoding="utf-8") as f:
         results = json.load(f)
-    return plot_results(results, out_dir or os.path.dirname(os.path.abspath(json_path)))
+    stem = os.path.splitext(os.path.basename(json_path))[0]
+    prefix = "" if stem == "results" else stem + "_"
+    return plot_results(results, out_dir or os.path.dirname(os.path.abspath(json_path)), prefix)
 
 
 def _save(plt, fig, path: str, footer: str) -> str:
