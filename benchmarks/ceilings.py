@@ -143,6 +143,9 @@ def main(argv=None) -> int:
             "flops_padded": model_flops(cfg, [seq_len] * len(lengths)),
             "flops_linear_only": model_flops(cfg, lengths, linear_only=True),
         },
+        "padded_over_padding_free_flops": round(
+            model_flops(cfg, [seq_len] * len(lengths)) / model_flops(cfg, lengths), 3
+        ),
         "floor_ms": {},
     }
     for d in dtypes:

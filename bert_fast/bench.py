@@ -344,6 +344,15 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", None)
 
 
+def _command_line() -> str | None:
+    if not sys.argv:
+        return None
+    prog = os.path.basename(sys.argv[0])
+    if prog == "__main__.py":  # python -m bert_fast
+        prog = "python -m bert_fast"
+    return shlex.join([prog, *sys.argv[1:]])
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -368,7 +377,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpp_extension": ext is not None,
         "cpp_extension_isa": getattr(ext, "CPU_ISA", None) if ext is not None else None,
         "git_revision": git_revision(),
-        "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else None,
+        "command": _command_line(),
     }
 
 
