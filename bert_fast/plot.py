@@ -61,16 +61,9 @@ def plot_results(results: dict[str, Any], out_dir: str, prefix: str = "") -> lis
     meta = results.get("meta", {})
     footer = f"{meta.get('device_name', '')} | torch {meta.get('torch', '')} | {meta.get('threads', '')} threads"
     paths: list[str] = []
-    paths += _latency_bars(plt, records, colors, out_dir, footer)
-    paths += _throughput(plt, records, colors, out_dir, footer)
-    paths += _speedup(plt, records, colors, out_dir, footer)
-    if prefix:
-        renamed = []
-        for path in paths:
-            new = os.path.join(os.path.dirname(path), prefix + os.path.basename(path))
-            os.replace(path, new)
-            renamed.append(new)
-        paths = renamed
+    paths += _latency_bars(plt, records, colors, out_dir, footer, prefix)
+    paths += _throughput(plt, records, colors, out_dir, footer, prefix)
+    paths += _speedup(plt, records, colors, out_dir, footer, prefix)
     return paths
 
 
@@ -90,7 +83,7 @@ def _save(plt, fig, path: str, footer: str) -> str:
     return path
 
 
-def _latency_bars(plt, records, colors, out_dir, footer) -> list[str]:
+def _latency_bars(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["model"], r["dtype"], r["batch"], r["seq_len"], r["profile"])].append(r)
@@ -117,7 +110,8 @@ def _latency_bars(plt, records, colors, out_dir, footer) -> list[str]:
             fig.suptitle(title, fontsize=11)
             fig.tight_layout(rect=(0, 0.02, 1, 0.97))
             suffix = f"_{ci + 1}" if len(chunks) > 1 else ""
-            paths.append(_save(plt, fig, os.path.join(out_dir, f"latency_{_slug(model)}_{dtype}{suffix}.png"), footer))
+            name = f"{prefix}latency_{_slug(model)}_{dtype}{suffix}.png"
+            paths.append(_save(plt, fig, os.path.join(out_dir, name), footer))
     return paths
 
 
@@ -148,14 +142,14 @@ def _ms(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
-def _throughput(plt, records, colors, out_dir, footer) -> list[str]:
+def _throughput(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["status"] == "ok" and r["profile"] != "issue6":
             groups[(r["model"], r["dtype"], r["profile"])].append(r)
     if all(len({r["seq_len"] for r in rows}) < 2 for rows in groups.values()):
         # One sequence length per batch size: a line has one point. Compare the cells instead.
-        return _throughput_cells(plt, records, colors, out_dir, footer)
+        return _throughput_cells(plt, records, colors, out_dir, footer, prefix)
     paths = []
     for (model, dtype, profile), rows in groups.items():
         batches = sorted({r["batch"] for r in rows})
@@ -183,11 +177,11 @@ def _throughput(plt, records, colors, out_dir, footer) -> list[str]:
         fig.suptitle(f"Throughput vs sequence length: {model} {dtype}, profile {profile} (higher is better)")
         fig.tight_layout(rect=(0, 0.02, 1, 0.97))
         name = f"throughput_{_slug(model)}_{dtype}_{profile}.png"
-        paths.append(_save(plt, fig, os.path.join(out_dir, name), footer))
+        paths.append(_save(plt, fig, os.path.join(out_dir, prefix + name), footer))
     return paths
 
 
-def _speedup(plt, records, colors, out_dir, footer) -> list[str]:
+def _speedup(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from .bench import BASELINE, DTYPES
@@ -219,11 +213,11 @@ def _speedup(plt, records, colors, out_dir, footer) -> list[str]:
             ax.legend(fontsize=8, loc="best")
         fig.suptitle(f"Speedup over HF sdpa vs padding: {model} (above 1 = faster)")
         fig.tight_layout(rect=(0, 0.02, 1, 0.95))
-        paths.append(_save(plt, fig, os.path.join(out_dir, f"speedup_{_slug(model)}.png"), footer))
+        paths.append(_save(plt, fig, os.path.join(out_dir, prefix + f"speedup_{_slug(model)}.png"), footer))
     return paths
 
 
-def _throughput_cells(plt, records, colors, out_dir, footer) -> list[str]:
+def _throughput_cells(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     """Real tokens/s per provider, grouped by cell: how throughput holds up as padding grows."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
@@ -251,5 +245,5 @@ def _throughput_cells(plt, records, colors, out_dir, footer) -> list[str]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"Throughput on real tokens: {model} {dtype} (higher is better)")
         fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-        paths.append(_save(plt, fig, os.path.join(out_dir, f"throughput_{_slug(model)}_{dtype}.png"), footer))
+        paths.append(_save(plt, fig, os.path.join(out_dir, prefix + f"throughput_{_slug(model)}_{dtype}.png"), footer))
     return paths
