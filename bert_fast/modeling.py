@@ -30,7 +30,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
@@ -198,7 +197,7 @@ def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str
     hidden = heads * head_dim
 
     w_qkv, b_qkv = _fused_qkv(sa)
-    qkv = F.linear(x, w_qkv, b_qkv)
+    qkv = K.linear(x, w_qkv, b_qkv, backend=backend)
     q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
     ctx = K.varlen_attention(
         q,
@@ -214,23 +213,23 @@ def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str
     so = attn.output
     if training and so.dropout.p > 0:
         # Dropout sits between the biased projection and the residual add: no bias fusion.
-        h = so.dropout(F.linear(ctx, so.dense.weight, so.dense.bias))
+        h = so.dropout(K.linear(ctx, so.dense.weight, so.dense.bias, backend=backend))
         x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps, residual=x,
                                        backend=backend)
     else:
-        h = F.linear(ctx, so.dense.weight)
+        h = K.linear(ctx, so.dense.weight, backend=backend)
         x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps,
                                        linear_bias=so.dense.bias, residual=x, backend=backend)
 
     inter = layer.intermediate.dense
-    h = K.bias_act(F.linear(x, inter.weight), inter.bias, act, backend=backend)
+    h = K.bias_act(K.linear(x, inter.weight, backend=backend), inter.bias, act, backend=backend)
 
     out = layer.output
     if training and out.dropout.p > 0:
-        h = out.dropout(F.linear(h, out.dense.weight, out.dense.bias))
+        h = out.dropout(K.linear(h, out.dense.weight, out.dense.bias, backend=backend))
         return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
                                           residual=x, backend=backend)
-    h = F.linear(h, out.dense.weight)
+    h = K.linear(h, out.dense.weight, backend=backend)
     return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
                                       linear_bias=out.dense.bias, residual=x, backend=backend)
 

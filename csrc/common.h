@@ -18,6 +18,10 @@
 #include <cstring>
 #include <string>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 namespace bert_fast {
 
 using Vec = at::vec::Vectorized<float>;
@@ -88,6 +92,22 @@ inline void map_row(const T* x, T* y, int64_t n, const F& f) {
     store_f(y + j, f(j, load_f(x + j, c)), c);
   }
 }
+
+// Flush denormal results to zero (FTZ) and read denormal inputs as zero (DAZ) in this thread for
+// the guard's scope, restoring the caller's MXCSR after. Exact GELU evaluates exp(-x^2 / 2), which
+// is denormal for |x| > ~13: x86 then takes a microcode assist per lane (measured: bias_act 5x
+// slower on such inputs). What gets flushed is below 1.2e-38 in magnitude, far under fp32's
+// resolution of any GELU output it contributes to.
+class FlushDenormalsGuard {
+ public:
+#if defined(__SSE2__)
+  FlushDenormalsGuard() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormalsGuard() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // ---- argument checks (messages name the op, the argument, the value and the limit) ----------
 

@@ -163,6 +163,7 @@ inline Vec activate(const Vec& h) {
 template <typename T, Activation A>
 void bias_act_rows(const T* x, int64_t ldx, const float* bias, T* y, int64_t M, int64_t I) {
   at::parallel_for(0, M, row_grain(I), [&](int64_t r0, int64_t r1) {
+    FlushDenormalsGuard ftz;
     for (int64_t r = r0; r < r1; ++r) {
       if (bias) {
         map_row(x + r * ldx, y + r * I, I, [&](int64_t j, const Vec& h) {

@@ -27,6 +27,7 @@ TORCH_LIBRARY(bert_fast, m) {
   m.def("unpad_mask(Tensor mask) -> (Tensor indices, Tensor cu_seqlens, Tensor max_seqlen)");
   m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
   m.def("scatter_rows(Tensor x, Tensor indices, SymInt num_rows) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
@@ -37,6 +38,7 @@ TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
   m.impl("unpad_mask", &unpad_mask_cpu);
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
+  m.impl("linear", &linear_cpu);
 }
 
 }  // namespace bert_fast

@@ -29,6 +29,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& indices);
 
 at::Tensor scatter_rows_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows);
 
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 // Activation codes shared with the CUDA glue.
 enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2 };
 Activation parse_activation(c10::string_view name);

@@ -10,6 +10,7 @@ from .activation import ACTIVATIONS, HF_ACTIVATIONS, bias_act, bias_act_ref
 from .attention import varlen_attention, varlen_attention_ref
 from .embeddings import embed_layer_norm, embed_layer_norm_ref
 from .layer_norm import bias_residual_layer_norm, bias_residual_layer_norm_ref
+from .linear import linear, linear_ref
 from .padding import gather_rows, gather_rows_ref, scatter_rows, scatter_rows_ref, unpad_mask, unpad_mask_ref
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "embed_layer_norm_ref",
     "gather_rows",
     "gather_rows_ref",
+    "linear",
+    "linear_ref",
     "requested_backend",
     "scatter_rows",
     "scatter_rows_ref",

@@ -34,6 +34,7 @@ OPS = (
     "unpad_mask",
     "gather_rows",
     "scatter_rows",
+    "linear",
 )
 
 
@@ -139,3 +140,12 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
     return _ops.scatter_rows(x, indices, num_rows)
+
+
+@torch.library.register_fake("bert_fast::linear")
+def _linear_fake(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _ops.linear(x, weight, bias)

@@ -289,6 +289,8 @@ def _opcheck_cases():
         (ops.unpad_mask.default, (mask,)),
         (ops.gather_rows.default, (x, idx)),
         (ops.scatter_rows.default, (x[:3], idx, 6)),
+        (ops.linear.default, (x, torch.randn(7, h), torch.randn(7))),
+        (ops.linear.default, (torch.randn(300, h).bfloat16(), torch.randn(7, h).bfloat16(), None)),
     ]
 
 
@@ -396,3 +398,45 @@ def test_errors():
         _cpp.scatter_rows(x[:2], torch.tensor([0, 5]), 5)
     with pytest.raises(RuntimeError, match=r"unpad_mask: expected a \(batch, seq_len\) mask"):
         _cpp.unpad_mask(torch.ones(3))
+
+
+# --- linear: the row-split half-precision GEMM ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 37, 300, 524, 1031])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_f_linear(dtype, rows, with_bias):
+    """Rows split across threads (half precision, >= 128 rows per thread) or at::linear: same math."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 96), torch.randn(80, 96) * 0.1
+    b = torch.randn(80) if with_bias else None
+    ref32 = torch.nn.functional.linear(x, w, b)
+    xs, ws, bs = x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
+    same = torch.nn.functional.linear(xs, ws, bs)
+    for threads in (1, 2, 3):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ours = _cpp.linear(xs, ws, bs)
+            with torch.inference_mode():
+                ours_inf = _cpp.linear(xs, ws, bs)
+        finally:
+            torch.set_num_threads(prev)
+        assert ours.shape == (rows, 80) and ours.dtype == dtype
+        assert torch.equal(ours, ours_inf)
+        if dtype == torch.float32:
+            assert_close_fp32(ours, ref32, 1e-4, "linear fp32")
+        else:
+            assert_half_rule(ours, same, ref32, HALF_OP_FACTOR, f"linear {dtype} threads={threads}")
+
+
+def test_linear_3d_input_and_errors():
+    x, w = torch.randn(2, 300, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    assert _cpp.linear(x, w).shape == (2, 300, 32)
+    with pytest.raises(RuntimeError, match="x has 63 features in its last dim, weight expects 64"):
+        _cpp.linear(torch.randn(4, 63), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="x is BFloat16, weight is Float"):
+        _cpp.linear(torch.randn(4, 64).bfloat16(), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(8\)"):
+        _cpp.linear(torch.randn(4, 64), torch.randn(8, 64), torch.randn(9))
