@@ -168,20 +168,34 @@ def _check_ids(name: str, ids: torch.Tensor, limit: int, limit_name: str, shape:
 # --------------------------------------------------------------------------------------------------
 
 
+def _version_key(tensors) -> tuple:
+    # Inference tensors (made under torch.inference_mode) carry no version counter; their storage
+    # identity is the key then.
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+
+
+def _derived(owner: torch.nn.Module, name: str, tensors, build):
+    """``build()``, cached on ``owner`` until any of ``tensors`` changes (storage or in-place version)."""
+    key = _version_key(tensors)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 def _fused_qkv(self_attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = self_attn.query, self_attn.key, self_attn.value
     tensors = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.cat(tensors[:3]), torch.cat(tensors[3:])
-    # Inference tensors (made under torch.inference_mode) carry no version counter; their storage
-    # identity is the key then.
-    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
-    cached = self_attn.__dict__.get("_bert_fast_qkv")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, torch.cat(tensors[:3]), torch.cat(tensors[3:]))
-        self_attn.__dict__["_bert_fast_qkv"] = cached
-    return cached[1], cached[2]
+    return _derived(self_attn, "_bert_fast_qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
+
+
+def _packer(owner: torch.nn.Module, weight: torch.Tensor):
+    """A callable giving ``weight`` prepacked for oneDNN, built on first use and cached on ``owner``."""
+    return lambda: _derived(owner, "_bert_fast_packed", (weight,), lambda: K.prepack_weight(weight))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +211,7 @@ def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str
     hidden = heads * head_dim
 
     w_qkv, b_qkv = _fused_qkv(sa)
-    qkv = K.linear(x, w_qkv, b_qkv, backend=backend)
+    qkv = K.linear(x, w_qkv, b_qkv, backend=backend, packed=_packer(sa, w_qkv))
     q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
     ctx = K.varlen_attention(
         q,
@@ -217,19 +231,20 @@ def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str
         x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps, residual=x,
                                        backend=backend)
     else:
-        h = K.linear(ctx, so.dense.weight, backend=backend)
+        h = K.linear(ctx, so.dense.weight, backend=backend, packed=_packer(so.dense, so.dense.weight))
         x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps,
                                        linear_bias=so.dense.bias, residual=x, backend=backend)
 
     inter = layer.intermediate.dense
-    h = K.bias_act(K.linear(x, inter.weight, backend=backend), inter.bias, act, backend=backend)
+    h = K.linear(x, inter.weight, backend=backend, packed=_packer(inter, inter.weight))
+    h = K.bias_act(h, inter.bias, act, backend=backend)
 
     out = layer.output
     if training and out.dropout.p > 0:
         h = out.dropout(K.linear(h, out.dense.weight, out.dense.bias, backend=backend))
         return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
                                           residual=x, backend=backend)
-    h = K.linear(h, out.dense.weight, backend=backend)
+    h = K.linear(h, out.dense.weight, backend=backend, packed=_packer(out.dense, out.dense.weight))
     return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
                                       linear_bias=out.dense.bias, residual=x, backend=backend)
 
@@ -348,9 +363,6 @@ def _packed_forward(
     sequence_output = all_hidden[-1] if all_hidden is not None else unpack(x)
     pooled = model.pooler(sequence_output) if model.pooler is not None else None
     return sequence_output, pooled, (tuple(all_hidden) if all_hidden is not None else None)
-
-
-_FAST_KWARGS_IGNORED = {"use_cache"}
 
 
 class _FastBertMixin:
@@ -507,6 +519,7 @@ def revert(model: Any) -> Any:
     bert.__dict__.pop("_bert_fast_backend", None)
     for module in bert.modules():
         module.__dict__.pop("_bert_fast_qkv", None)
+        module.__dict__.pop("_bert_fast_packed", None)
     return model
 
 

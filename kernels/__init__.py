@@ -10,7 +10,7 @@ from .activation import ACTIVATIONS, HF_ACTIVATIONS, bias_act, bias_act_ref
 from .attention import varlen_attention, varlen_attention_ref
 from .embeddings import embed_layer_norm, embed_layer_norm_ref
 from .layer_norm import bias_residual_layer_norm, bias_residual_layer_norm_ref
-from .linear import linear, linear_ref
+from .linear import linear, linear_ref, prepack_weight
 from .padding import gather_rows, gather_rows_ref, scatter_rows, scatter_rows_ref, unpad_mask, unpad_mask_ref
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "gather_rows_ref",
     "linear",
     "linear_ref",
+    "prepack_weight",
     "requested_backend",
     "scatter_rows",
     "scatter_rows_ref",

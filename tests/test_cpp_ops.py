@@ -440,3 +440,30 @@ def test_linear_3d_input_and_errors():
         _cpp.linear(torch.randn(4, 64).bfloat16(), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match=r"bias must have shape \(8\)"):
         _cpp.linear(torch.randn(4, 64), torch.randn(8, 64), torch.randn(9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 16, 256, 257])
+def test_public_linear_prepacked_small_batches(dtype, rows):
+    """kernels.linear on the cpp backend: prepacked oneDNN weights up to PACKED_MAX_ROWS rows."""
+    import importlib
+
+    linear_mod = importlib.import_module("bert_fast.kernels.linear")
+
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 64), torch.randn(48, 64) * 0.1, torch.randn(48)
+    ref32 = torch.nn.functional.linear(x, w, b)
+    xs, ws, bs = x.to(dtype), w.to(dtype), b.to(dtype)
+    calls = []
+
+    def pack():
+        calls.append(1)
+        return K.prepack_weight(ws)
+
+    with torch.inference_mode():
+        ours = K.linear(xs, ws, bs, backend="cpp", packed=pack)
+    assert bool(calls) == (rows <= linear_mod.PACKED_MAX_ROWS)
+    if dtype == torch.float32:
+        assert_close_fp32(ours, ref32, 1e-4, "prepacked linear fp32")
+    else:
+        assert_half_rule(ours, torch.nn.functional.linear(xs, ws, bs), ref32, HALF_OP_FACTOR, "prepacked bf16")
