@@ -1,0 +1,50 @@
+"""Where one BERT-base forward spends its time: torch.profiler table of one warm forward.
+
+    python benchmarks/profile_forward.py --dtype bf16 --backend cpp [--profile issue6|fixed]
+
+Random weights (seeded), the issue-6 batch by default. Prints the ops sorted by self CPU time;
+measures nothing else and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+import bert_fast
+
+LENGTHS = [128, 16, 72, 40, 100, 24, 88, 56]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--profile", choices=["issue6", "fixed"], default="issue6")
+    ap.add_argument("--rows", type=int, default=12)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = transformers.BertConfig()
+    ids = torch.randint(0, cfg.vocab_size, (8, 128))
+    mask = torch.ones(8, 128, dtype=torch.long)
+    if args.profile == "issue6":
+        mask.zero_()
+        for i, n in enumerate(LENGTHS):
+            mask[i, :n] = 1
+    model = transformers.BertModel._from_config(copy.deepcopy(cfg)).eval().to(dtype)
+    bert_fast.optimize(model, backend=args.backend)
+    with torch.inference_mode():
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(ids, attention_mask=mask)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
