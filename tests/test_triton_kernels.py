@@ -296,7 +296,7 @@ def test_gradients_through_triton_backend_equal_reference():
 
 
 # ----------------------------------------------------------------------------- torch.compile
-def test_launchers_compile_without_graph_breaks():
+def _compile_check() -> None:
     """The launchers trace as custom ops (fake impls give the shapes); fullgraph=True fails on a break."""
     hidden, heads = 64, 2
     q, k, v, cu, max_len = _packed_qkv((3, 8), heads, hidden // heads, torch.float32)
@@ -313,14 +313,25 @@ def test_launchers_compile_without_graph_breaks():
 
     expected = block(ids, pids)
     torch._dynamo.reset()
-    # Tracing runs the fake implementations under FakeTensorMode; the poisoning fixture's
-    # deterministic-fill mode is for real kernels only (with it on, a full-suite run once failed
-    # inside fake-tensor propagation with std::bad_alloc), so trace and run without it.
-    torch.use_deterministic_algorithms(False)
-    torch.utils.deterministic.fill_uninitialized_memory = False
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     assert_close_fp32(compiled(ids, pids), expected, 1e-6, "compiled")
-    torch._dynamo.reset()
+
+
+def test_launchers_compile_without_graph_breaks():
+    """Runs :func:`_compile_check` in a fresh interpreter.
+
+    In two of four full-suite runs (never alone) Dynamo's fake-tensor propagation of the first
+    custom op failed with a C++ allocation error (std::bad_alloc, vector::reserve) that depended on
+    what earlier tests had left in the process; the cause is not found yet (the C++ extension's op
+    tests are clean under AddressSanitizer). A fresh process keeps this check meaningful and
+    deterministic.
+    """
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "0"))
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import test_triton_kernels as t; t._compile_check(); print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 # ----------------------------------------------------------------------------- import-time rules
