@@ -327,9 +327,9 @@ def test_launchers_compile_without_graph_breaks():
     deterministic.
     """
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "0"))
-    code = (
-        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import test_triton_kernels as t; t._compile_check(); print('ok')"
-    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_triton_kernels as t"
+    code += "; t._compile_check(); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
