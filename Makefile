@@ -31,7 +31,7 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
-	$(PY) -m pytest benchmarks --benchmark-disable -q
+	$(PY) -m pytest benchmarks -q
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh
