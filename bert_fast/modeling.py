@@ -25,7 +25,6 @@ from the live ``query``/``key``/``value`` weights (rebuilt when any of them chan
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
@@ -35,8 +34,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from . import kernels as K
 from .kernels._backend import _check_name
-
-log = logging.getLogger("bert_fast")
 
 __all__ = [
     "BertModel",
@@ -203,6 +200,23 @@ def _packer(owner: torch.nn.Module, weight: torch.Tensor):
 # --------------------------------------------------------------------------------------------------
 
 
+def _dense_residual_layer_norm(block, h: torch.Tensor, residual: torch.Tensor, backend, training: bool):
+    """HF's ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(h)) + residual)``.
+
+    In eval (or with dropout 0) the GEMM runs without its bias, which is fused into the LayerNorm
+    op; with active dropout, which sits between the biased projection and the residual add, the
+    bias stays in the GEMM.
+    """
+    dense, ln = block.dense, block.LayerNorm
+    if training and block.dropout.p > 0:
+        h = block.dropout(K.linear(h, dense.weight, dense.bias, backend=backend))
+        return K.bias_residual_layer_norm(h, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+    h = K.linear(h, dense.weight, backend=backend, packed=_packer(dense, dense.weight))
+    return K.bias_residual_layer_norm(
+        h, ln.weight, ln.bias, ln.eps, linear_bias=dense.bias, residual=residual, backend=backend
+    )
+
+
 def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str, backend, training: bool):
     attn = layer.attention
     sa = attn.self
@@ -224,29 +238,13 @@ def _layer_forward(layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str
         backend=backend,
     ).view(n, hidden)
 
-    so = attn.output
-    if training and so.dropout.p > 0:
-        # Dropout sits between the biased projection and the residual add: no bias fusion.
-        h = so.dropout(K.linear(ctx, so.dense.weight, so.dense.bias, backend=backend))
-        x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps, residual=x,
-                                       backend=backend)
-    else:
-        h = K.linear(ctx, so.dense.weight, backend=backend, packed=_packer(so.dense, so.dense.weight))
-        x = K.bias_residual_layer_norm(h, so.LayerNorm.weight, so.LayerNorm.bias, so.LayerNorm.eps,
-                                       linear_bias=so.dense.bias, residual=x, backend=backend)
+    x = _dense_residual_layer_norm(attn.output, ctx, x, backend, training)
 
     inter = layer.intermediate.dense
     h = K.linear(x, inter.weight, backend=backend, packed=_packer(inter, inter.weight))
     h = K.bias_act(h, inter.bias, act, backend=backend)
 
-    out = layer.output
-    if training and out.dropout.p > 0:
-        h = out.dropout(K.linear(h, out.dense.weight, out.dense.bias, backend=backend))
-        return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
-                                          residual=x, backend=backend)
-    h = K.linear(h, out.dense.weight, backend=backend, packed=_packer(out.dense, out.dense.weight))
-    return K.bias_residual_layer_norm(h, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
-                                      linear_bias=out.dense.bias, residual=x, backend=backend)
+    return _dense_residual_layer_norm(layer.output, h, x, backend, training)
 
 
 def _packed_forward(
