@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .encoder import Encoder as Encoder
 from .kernels import BackendUnavailableError as BackendUnavailableError
 from .kernels import use_backend as use_backend
 
@@ -28,7 +29,7 @@ _MODELING = {
     "is_optimized",
 }
 
-__all__ = sorted(_MODELING | {"BackendUnavailableError", "use_backend", "__version__"})
+__all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend", "__version__"})
 
 
 def __getattr__(name: str):
