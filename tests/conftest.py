@@ -25,6 +25,14 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer tests (real checkpoints, AOT compiles)")
+    config.addinivalue_line(
+        "markers",
+        "gpu_quick: the quick GPU tier (every op x dtype at BERT-base shapes, few kernel compiles); "
+        "`pytest -m gpu_quick`",
+    )
+    config.addinivalue_line(
+        "markers", "backends(*names): the backends an op test is parametrized over (tests/ops/conftest.py)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords or "gpu_quick" in item.keywords:
             item.add_marker(skip)
 
 
