@@ -1,8 +1,8 @@
 """Per-op speed of the ``cpp`` backend against the ``torch`` reference, BERT-base shapes, on CPU.
 
-Usage: ``python csrc/tools/bench_ops.py [--reps 30] [--dtypes float32,bfloat16] [--threads N]``
+Usage: ``python benchmarks/bench_ops.py [--reps 30] [--dtypes float32,bfloat16] [--threads N]``
 
-Shapes: N = 524 packed tokens (8 sequences of lengths 128, 16, 72, 40, 100, 24, 88, 56), hidden
+Shapes: N = 524 packed tokens (the ``mixed`` batch: ``bert_fast.bench.MIXED_LENGTHS``), hidden
 768, intermediate 3072, 12 heads. For each op the two backends are timed interleaved, one call
 each per round, so machine noise hits both alike; the table shows the median times and the median
 of the per-round ratios. ``layer`` is one encoder layer built from the ops (4 GEMMs through
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bert_fast import kernels as K
+from bert_fast.bench.workloads import MIXED_LENGTHS as LENS
 
-LENS = (128, 16, 72, 40, 100, 24, 88, 56)
 H, INTER, HEADS = 768, 3072, 12
 
 

@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.ceilings import _Cfg, fewest_bytes  # noqa: E402
+from benchmarks.ceilings import fewest_bytes  # noqa: E402
+from bert_fast.bench import PRESETS, PresetConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,9 +43,9 @@ def main(argv=None) -> int:
             continue
         gemm = ceilings["gemm_TFLOPs"].get(r["dtype"])
         floor = None
-        if gemm and r["model"] in ("tiny", "minilm", "base", "large"):
+        if gemm and r["model"] in PRESETS:
             elem = {"fp32": 4, "bf16": 2, "fp16": 2}[r["dtype"]]
-            nbytes = fewest_bytes(_Cfg(r["model"]), r["lengths"], r["seq_len"], elem)
+            nbytes = fewest_bytes(PresetConfig(r["model"]), r["lengths"], r["seq_len"], elem)
             floor = max(r["flops"] / (max(gemm.values()) * 1e12), nbytes / copy_bps) * 1e3
         med = r["latency_ms_median"]
         ratio = f"{r['speedup_vs_hf_sdpa']:.2f}" if r.get("speedup_vs_hf_sdpa") else "-"

@@ -2,9 +2,11 @@
 
 * ``bench``: run the benchmark grid (:mod:`bert_fast.bench`), print a table, write JSON + CSV into
   the output folder and (unless ``--no-plot``) draw the charts from the JSON it just wrote.
-* ``plot RESULTS.json [-o DIR]``: draw the charts (:mod:`bert_fast.plot`) from a results file.
+* ``plot RESULTS.json [-o DIR]``: draw the charts (:mod:`bert_fast.bench.plot`) from a results file.
 
-With no command, ``bench`` runs with its defaults.
+With no command, ``bench`` runs with its defaults. A subcommand is a ``_add_<name>(subparsers)``
+function that adds its parser and sets ``func`` (its handler) as a default; :func:`build_parser`
+calls each one listed in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _csv_list(kind=str):
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    from .bench import PRESETS, PROFILES, PROVIDERS
+    from .bench import MIXED_LENGTHS, PRESETS, PROFILES, PROVIDERS
 
     g = p.add_argument_group("what to run (grid options left out take the device's default grid)")
     g.add_argument(
@@ -48,8 +50,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "--profiles",
         type=_csv_list(),
         help=f"padding profiles: {', '.join(PROFILES)} (fixed: no padding; varlen: lengths uniform in "
-        "[L/8, L], longest = L, seeded; issue6: batch 8, lengths 128,16,72,40,100,24,88,56). "
-        "Default CPU: issue6,fixed; CUDA: fixed,varlen,issue6",
+        f"[L/8, L], longest = L, seeded; mixed: batch 8, lengths {','.join(map(str, MIXED_LENGTHS))}; mixed32: "
+        "batch 32 mixed lengths up to 128; peers: 1x16, 1x128, 8x128 fixed, mixed, mixed32; corpus: the built-in "
+        "corpus encoded as sentence-transformers does, sorted, batches of 32). mixed, mixed32, peers and corpus fix "
+        "their own shapes. Default CPU: mixed,fixed; CUDA: fixed,varlen,mixed",
     )
     g.add_argument(
         "--providers",
@@ -67,6 +71,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         default=0.125,
         help="varlen lengths are drawn uniformly from [ceil(L * this), L] (default 0.125)",
     )
+    g.add_argument("--corpus-size", type=int, default=256, help="texts of the corpus profile (default 256)")
     g.add_argument(
         "--time-budget",
         type=float,
@@ -86,21 +91,29 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bert-fast", description="bert_fast tools: end-to-end benchmark and its charts."
-    )
-    sub = parser.add_subparsers(dest="command")
+def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmark bert_fast against HF eager/sdpa, torch.compile, ONNX Runtime and the GEMM floor",
+        help="benchmark bert_fast against HF eager/sdpa, torch.compile, ONNX Runtime, OpenVINO and the GEMM floor",
         description="Benchmark bert_fast side by side with what users would otherwise run. "
         "Without options: BERT-base with random weights on the best device present.",
     )
     _add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def _add_plot(sub) -> None:
     plot = sub.add_parser("plot", help="draw PNG charts from a results JSON", description="Draw PNG charts.")
     plot.add_argument("results", help="a results JSON written by `bert-fast bench`")
     plot.add_argument("-o", "--out", help="output folder (default: the JSON's folder)")
+    plot.set_defaults(func=cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bert-fast", description="bert_fast tools: benchmark, charts.")
+    sub = parser.add_subparsers(dest="command")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -117,10 +130,10 @@ def _settings(args: argparse.Namespace):
         providers=args.providers,
         repeats=args.repeats,
         warmup=args.warmup,
-        out_dir=args.out,
         seed=args.seed,
         threads=args.threads,
         varlen_min_fraction=args.varlen_min_fraction,
+        corpus_size=args.corpus_size,
         time_budget_s=args.time_budget,
         compile_dynamic=args.compile_dynamic,
         peak_tflops=args.peak_tflops,
@@ -134,12 +147,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     t0 = time.perf_counter()
-    results = bench.run(_settings(args), progress=not args.no_progress)
+    # Written after every cell too: a run cut short (time limit, crash) keeps what it measured.
+    results = bench.run(
+        _settings(args),
+        progress=not args.no_progress,
+        checkpoint=lambda partial: bench.write_results(partial, args.out, args.name),
+    )
     json_path, csv_path = bench.write_results(results, args.out, args.name)
     print(bench.format_table(results))
+    print()
+    print(bench.format_ratio_table(results))
     print(f"\nwrote {json_path} and {csv_path}")
     if not args.no_plot:
-        from . import plot
+        from .bench import plot
 
         try:
             paths = plot.plot_file(json_path, args.out)
@@ -151,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from . import plot
+    from .bench import plot
 
     out = args.out or os.path.dirname(os.path.abspath(args.results))
     paths = plot.plot_file(args.results, out)
@@ -165,9 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["bench", *argv]
     args = build_parser().parse_args(argv)
-    if args.command == "plot":
-        return cmd_plot(args)
-    return cmd_bench(args)
+    return args.func(args)
+
+
+#: Subcommand registrars, in help order.
+SUBCOMMANDS = [_add_bench, _add_plot]
 
 
 if __name__ == "__main__":

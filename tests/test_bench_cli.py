@@ -110,13 +110,10 @@ def test_bench_and_plot_cli(tmp_path):
 
 
 def test_failing_provider_is_reported_and_run_continues(monkeypatch):
-    def broken(typed, impl):
-        if impl == "eager":
-            raise RuntimeError("deliberately broken for the test")
-        return real(typed, impl)
+    def broken(ctx):
+        raise RuntimeError("deliberately broken for the test")
 
-    real = bench._hf_provider
-    monkeypatch.setattr(bench, "_hf_provider", broken)
+    monkeypatch.setitem(bench.REGISTRY, "hf-eager", bench.providers.ProviderSpec("hf-eager", broken, "broken"))
     settings = bench.Settings(
         models=["tiny"], device="cpu", dtypes=["fp32"], batch_sizes=[2], seq_lens=[8], profiles=["varlen"],
         providers=["hf-eager", "hf-sdpa", "bert_fast-torch"], repeats=1, warmup=0,
@@ -131,10 +128,10 @@ def test_failing_provider_is_reported_and_run_continues(monkeypatch):
 
 def test_workload_profiles():
     assert bench.profile_lengths("fixed", 3, 10, 0) == [10, 10, 10]
-    assert bench.profile_lengths("issue6", 99, 999, 0) == list(bench.ISSUE6_LENGTHS)
+    assert bench.profile_lengths("mixed", 99, 999, 0) == list(bench.MIXED_LENGTHS)
     lengths = bench.profile_lengths("varlen", 16, 64, 0)
     assert max(lengths) == 64 and min(lengths) >= 8 and len(lengths) == 16
     assert lengths == bench.profile_lengths("varlen", 16, 64, 0)  # seeded
-    w = bench.make_workload("issue6", 1, 1, 100, 0, bench.pick_device("cpu"), 0.125)
+    w = bench.make_workload("mixed", 1, 1, 100, 0, bench.pick_device("cpu"), 0.125)
     assert (w.batch, w.seq_len) == (8, 128)
     assert round(w.padding_fraction, 2) == 0.49

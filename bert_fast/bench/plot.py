@@ -1,4 +1,4 @@
-"""Charts of a benchmark results JSON (written by :mod:`bert_fast.bench`); reads data, never measures.
+"""Charts of a benchmark results JSON (written by :mod:`bert_fast.bench.runner`); reads data, never measures.
 
 ``python -m bert_fast plot RESULTS.json [-o DIR]`` writes PNGs (matplotlib, Agg backend):
 
@@ -36,11 +36,11 @@ def _pyplot():
 def _colors(providers: list[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
-    from .bench import PROVIDERS
+    from .providers import REGISTRY
 
-    cmap = colormaps["tab10"]
-    order = list(PROVIDERS) + [p for p in providers if p not in PROVIDERS]
-    return {p: cmap(i % 10) for i, p in enumerate(order)}
+    cmap = colormaps["tab20"]
+    order = list(REGISTRY) + [p for p in providers if p not in REGISTRY]
+    return {p: cmap(i % 20) for i, p in enumerate(order)}
 
 
 def _slug(text: str) -> str:
@@ -145,7 +145,7 @@ def _ms(v: float) -> str:
 def _throughput(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r["status"] == "ok" and r["profile"] != "issue6":
+        if r["status"] == "ok" and r["profile"] in ("fixed", "varlen"):  # the others fix their own shape
             groups[(r["model"], r["dtype"], r["profile"])].append(r)
     if all(len({r["seq_len"] for r in rows}) < 2 for rows in groups.values()):
         # One sequence length per batch size: a line has one point. Compare the cells instead.
@@ -184,7 +184,8 @@ def _throughput(plt, records, colors, out_dir, footer, prefix: str = "") -> list
 def _speedup(plt, records, colors, out_dir, footer, prefix: str = "") -> list[str]:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from .bench import BASELINE, DTYPES
+    from .report import BASELINE
+    from .workloads import DTYPES
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
