@@ -1,6 +1,7 @@
 # Two commands from a fresh clone:
 #   make bench   set up, then benchmark the built-in default model (BERT-base config, random weights)
-#   make test    set up, then run the whole test suite
+#   make test    set up, then run the whole test suite (and the op micro-benchmarks once, untimed)
+# Also: make lint (ruff), make gpu-check / gpu-check-quick (on a CUDA machine, see benchmarks/GPU.md).
 #
 # Setup is a virtual environment in .venv with torch, this package (editable, C++ extension built)
 # and the test/benchmark extras. Override the torch requirement with TORCH_SPEC (e.g. a CUDA build).
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.bert_fast-installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test gpu-check lint clean
+.PHONY: setup bench test gpu-check gpu-check-quick lint clean
 
 setup: $(STAMP)
 
@@ -31,10 +32,15 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
-	$(PY) -m pytest benchmarks -q
+	$(PY) -m pytest benchmarks -q --benchmark-disable
 
-gpu-check: setup
+# GPU machines: uses the python that already has a CUDA torch (PYTHON=... to choose); no venv, no
+# download. gpu-check is the whole run (about 9 minutes), gpu-check-quick the quick test tier only.
+gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-check-quick:
+	GPU_CHECK_TIER=quick bash benchmarks/gpu_check.sh
 
 lint: setup
 	$(PY) -m ruff check .

@@ -174,6 +174,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.3",
+            "openvino>=2024.4",
             "pytest-benchmark>=4",
         ],
     },

@@ -1,46 +1,118 @@
 #!/usr/bin/env bash
-# GPU readiness in one command, on a CUDA machine:  bash benchmarks/gpu_check.sh
+# GPU readiness in one command, on a CUDA machine:  make gpu-check   (runbook: benchmarks/GPU.md)
 #
-#   1. the gpu-marked test tier:            pytest -m gpu tests/
-#   2. the machine's GEMM / copy ceilings:  benchmarks/ceilings.py
-#   3. the benchmark grid: BERT-base and BERT-large; fp16, bf16; batch 1, 8, 32, 128;
-#      lengths 16..512; fixed and varlen padding; every provider
+# Uses the python that already has a CUDA torch (no venv, no download) and installs this checkout
+# into it with `pip install --no-build-isolation --no-deps -e .`. Then, in priority order, each step
+# under its own time limit and each writing its results as it goes (a later failure or timeout
+# never loses an earlier step's files):
 #
-# Everything goes to benchmarks/results/<device-name>/. The whole run is held to about 9 minutes
-# (TOTAL_S, default 540): the tests get at most TESTS_S seconds, and benchmark cells not started
-# before the remaining budget runs out are reported as "skipped" in the results.
-# Environment: PYTHON (default python), TOTAL_S, TESTS_S.
+#   1. quick test tier   pytest -m gpu_quick tests/ops      every op x dtype at BERT shapes (< 2 min)
+#   2. headline bench    BERT-base bf16 32x128 fixed and mixed-length (mixed32), BERT-large bf16 8x384
+#   3. ceilings          benchmarks/ceilings.py             GEMM / copy ceilings (many calls per event pair)
+#   4. full test tier    pytest -m gpu tests/               (full tier only)
+#   5. op micro-benchmarks  pytest benchmarks/              (full tier only)
+#   6. benchmark grid    BERT-base, fp16/bf16, batch 1-128, lengths 16-512, fixed/varlen (full tier only)
+#   7. summary           benchmarks/gpu_summary.py          MFU, x HF sdpa, x torch.compile (printed last)
+#
+# Everything goes to benchmarks/results/<gpu-name>/. The whole run is held to GPU_CHECK_TOTAL_S
+# seconds (default 540: the GPU machines allow 10 minutes per command).
+# Environment: PYTHON (the interpreter to use), GPU_CHECK_TIER (full | quick), GPU_CHECK_TOTAL_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-TOTAL_S=${TOTAL_S:-540}
-TESTS_S=${TESTS_S:-180}
+TIER=${GPU_CHECK_TIER:-full}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
 start=$SECONDS
+left() { echo $(( TOTAL_S - (SECONDS - start) )); }
+# min(a, b), at least 1
+cap() { local v=$(( $1 < $2 ? $1 : $2 )); (( v < 1 )) && v=1; echo "$v"; }
+declare -A status
 
-if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check: no CUDA device (torch.cuda.is_available() is False)" >&2
+# 1. The interpreter: $PYTHON, else the first with a CUDA torch.
+PY=""
+for c in ${PYTHON:-} python3 python .venv/bin/python; do
+    if command -v "$c" >/dev/null 2>&1 && timeout 120 "$c" -c \
+        "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        PY=$c
+        break
+    fi
+done
+if [[ -z $PY ]]; then
+    echo "gpu_check: no python with a CUDA torch and a visible GPU (tried: ${PYTHON:-} python3 python .venv/bin/python)." >&2
+    echo "gpu_check: set PYTHON=/path/to/python, or build a venv with a CUDA torch: make setup TORCH_SPEC=..." >&2
     exit 2
 fi
-name=$("$PYTHON" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9_.-]+', '_', torch.cuda.get_device_name(0)))")
+name=$("$PY" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9_.-]+', '_', torch.cuda.get_device_name(0)))")
 out="benchmarks/results/$name"
 mkdir -p "$out"
-echo "gpu_check: writing into $out"
+echo "gpu_check: $PY ($("$PY" -c 'import torch; print(torch.__version__)')), writing into $out, tier $TIER, budget ${TOTAL_S}s"
 
-timeout "$TESTS_S" "$PYTHON" -m pytest -m gpu tests/ -q -rs 2>&1 | tee "$out/pytest_gpu.log"
-tests_rc=${PIPESTATUS[0]}
-echo "pytest -m gpu exit status: $tests_rc" | tee -a "$out/pytest_gpu.log"
+# 2. This checkout, installed into that python (editable; the C++/CUDA extension built when it can be).
+here_ok() { "$PY" -c "import os, sys, bert_fast, bert_fast.kernels; \
+sys.exit(0 if os.path.samefile(os.path.dirname(bert_fast.__file__), 'bert_fast') else 1)" 2>/dev/null; }
+if ! here_ok || [[ ${GPU_CHECK_REINSTALL:-0} == 1 ]]; then
+    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    if ! timeout "$(cap 240 "$(left)")" "$PY" -m pip install --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1; then
+        echo "gpu_check: install with the extension failed or ran out of time (see $out/install.log); without it" | tee -a "$out/install.log"
+        BERT_FAST_BUILD_CPP=0 timeout 120 "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$out/install.log" 2>&1
+    fi
+fi
+if ! here_ok; then
+    echo "gpu_check: bert_fast from this checkout does not import in $PY (see $out/install.log)" >&2
+    exit 3
+fi
+"$PY" -c "import torch, bert_fast.kernels._backend as b; print('gpu_check: C++ extension', \
+'with CUDA kernels' if b.cpp_usable(torch.device('cuda')) else ('CPU only' if b.cpp_usable(torch.device('cpu')) \
+else 'not built'))" 2>/dev/null | tee "$out/extension.txt"
 
-"$PYTHON" benchmarks/ceilings.py --out "$out/ceilings.json" > /dev/null
-ceil_rc=$?
+run_step() {  # run_step NAME LIMIT_S LOG CMD...: time-bounded, output teed to LOG, status recorded
+    local step=$1 limit=$2 log=$3; shift 3
+    if (( limit < 10 )); then
+        echo "gpu_check: $step skipped (time budget spent)" | tee "$log"; status[$step]=skipped; return
+    fi
+    echo "gpu_check: $step (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    status[$step]=$rc
+    (( rc == 124 || rc == 137 )) && echo "gpu_check: $step stopped at its ${limit}s limit" | tee -a "$log"
+}
 
-budget=$(( TOTAL_S - (SECONDS - start) - 60 ))  # 60 s kept for the last cells, writing and charts
-(( budget < 60 )) && budget=60
-"$PYTHON" -m bert_fast bench \
-    --model base,large --device cuda --dtypes fp16,bf16 \
-    --batch-sizes 1,8,32,128 --seq-lens 16,32,64,128,256,512 --profiles fixed,varlen \
-    --repeats 5 --warmup 2 --compile-dynamic true --time-budget "$budget" \
-    --out "$out" --no-progress 2>&1 | tee "$out/bench.log"
-bench_rc=${PIPESTATUS[0]}
+# 3. Quick test tier.
+run_step tests_quick "$(cap 120 "$(( $(left) - 60 ))")" "$out/pytest_quick.log" \
+    "$PY" -m pytest -m gpu_quick tests/ops -q -rs -p no:cacheprovider --junitxml="$out/pytest_quick.xml"
 
-echo "gpu_check: tests $tests_rc, ceilings $ceil_rc, bench $bench_rc; $(( SECONDS - start )) s; results in $out"
-(( tests_rc == 0 && ceil_rc == 0 && bench_rc == 0 ))
+if [[ $TIER != quick ]]; then
+    # 4. Headline cells: each run writes its JSON after every cell.
+    common=(--device cuda --dtypes bf16 --providers bert_fast,bert_fast-cpp,hf-sdpa,hf-sdpa-compile,linear-floor
+            --repeats 20 --warmup 3 --no-progress --no-plot --out "$out")
+    lim=$(cap 150 "$(( $(left) - 150 ))")
+    run_step headline_base "$lim" "$out/headline_base.log" "$PY" -m bert_fast bench --model base \
+        --batch-sizes 32 --seq-lens 128 --profiles fixed,mixed32 --time-budget $(( lim - 40 )) \
+        --name headline_base "${common[@]}"
+    lim=$(cap 120 "$(( $(left) - 60 ))")
+    run_step headline_large "$lim" "$out/headline_large.log" "$PY" -m bert_fast bench --model large \
+        --batch-sizes 8 --seq-lens 384 --profiles fixed --time-budget $(( lim - 40 )) \
+        --name headline_large "${common[@]}"
+
+    # 5. Ceilings.
+    run_step ceilings "$(cap 75 "$(( $(left) - 20 ))")" "$out/ceilings.log" \
+        "$PY" benchmarks/ceilings.py --out "$out/ceilings.json" --time-budget 45
+fi
+
+if [[ $TIER == full ]]; then
+    # 6. Full test tier, micro-benchmarks and the grid, with what is left.
+    run_step tests_full "$(cap 180 "$(( $(left) - 150 ))")" "$out/pytest_gpu.log" \
+        "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider --junitxml="$out/pytest_gpu.xml"
+    run_step microbench "$(cap 90 "$(( $(left) - 90 ))")" "$out/microbench.log" \
+        "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out/microbench.json"
+    lim=$(( $(left) - 20 ))
+    run_step grid "$lim" "$out/bench.log" "$PY" -m bert_fast bench --model base --device cuda --dtypes fp16,bf16 \
+        --batch-sizes 1,8,32,128 --seq-lens 16,64,128,512 --profiles fixed,varlen --repeats 10 --warmup 2 \
+        --compile-dynamic true --time-budget $(( lim - 40 )) --out "$out" --no-progress
+fi
+
+# 7. Summary (reads what was written, even by steps that stopped early).
+"$PY" benchmarks/gpu_summary.py "$out" | tee "$out/summary.md"
+line="gpu_check: $(( SECONDS - start )) s;"
+for k in "${!status[@]}"; do line+=" $k=${status[$k]}"; done
+echo "$line; results in $out" | tee -a "$out/summary.md"
+[[ ${status[tests_quick]:-1} == 0 ]]
