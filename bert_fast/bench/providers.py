@@ -9,6 +9,8 @@ Built in (in this order):
 
 * ``bert_fast`` (auto backend) and ``bert_fast-triton`` / ``bert_fast-cpp`` / ``bert_fast-torch``
   (backend forced through :func:`bert_fast.optimize`);
+* ``bert_fast-graphs``: ``bert_fast.optimize(cuda_graphs=True)`` (CUDA only): the encoder replayed
+  from a CUDA graph per shape bucket (:mod:`bert_fast.cuda_graphs`);
 * ``hf-eager`` / ``hf-sdpa``: transformers' ``BertModel`` with that attention implementation;
 * ``hf-sdpa-compile``: ``torch.compile`` of the HF sdpa model (default mode);
 * ``hf-compile-freezing``: ``torch.compile`` of the HF sdpa model with inductor ``freezing=True``,
@@ -146,6 +148,20 @@ for _backend_name in ("triton", "cpp", "torch"):
     register(f"bert_fast-{_backend_name}", f"bert_fast.optimize(backend={_backend_name!r})")(
         functools.partial(_bert_fast, backend=_backend_name)
     )
+
+
+@register("bert_fast-graphs", "bert_fast.optimize(cuda_graphs=True): the encoder replayed from CUDA graphs (CUDA)")
+def _bert_fast_graphs(ctx: Context) -> Provider:
+    import bert_fast
+
+    if ctx.device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device (cuda_graphs=True is a no-op on CPU)")
+    model = bert_fast.optimize(share_weights(ctx.typed), cuda_graphs=True)
+    notes = "one graph per shape bucket, captured in the first warmup call (capture time is in warmup_s)"
+    return Provider(
+        "bert_fast-graphs", call=lambda **kw: model(**kw).last_hidden_state, backend=_auto_backend(ctx.device),
+        notes=notes,
+    )  # fmt: skip
 
 
 def _hf_provider(typed: Any, impl: str) -> Callable[..., torch.Tensor]:
