@@ -23,7 +23,7 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23" setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test,bench,embed,ray]"
 	$(PY) -c "import bert_fast.kernels._backend as b, torch; print('bert_fast: C++ extension', 'built' if b.cpp_usable(torch.device('cpu')) else 'NOT built')"
 	touch $(STAMP)
 

@@ -169,6 +169,8 @@ setup(
             "triton>=3.4,<3.10",
             "ruff>=0.5",
         ],
+        "embed": ["pyarrow>=14"],
+        "ray": ["ray[data]>=2.40", "pyarrow>=14"],
         "bench": [
             "matplotlib>=3.7",
             "onnx>=1.16",

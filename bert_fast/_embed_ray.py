@@ -94,6 +94,8 @@ def run_ray(args: argparse.Namespace, texts: list[str], shards: Shards, todo: li
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        if hasattr(ctx, "print_on_execution_start"):
+            ctx.print_on_execution_start = False  # the whole DataContext, on every run
         table = pa.table({"id": pa.array(ids), "text": pa.array([texts[i] for i in ids], type=pa.string())})
         block_rows = max(1, min(shards.shard_size, math.ceil(len(ids) / max(1, 2 * args.ray_actors))))
         ds = ray.data.from_arrow(table).repartition(max(1, math.ceil(len(ids) / block_rows)))
