@@ -11,7 +11,7 @@
 #   3. ceilings          benchmarks/ceilings.py             GEMM / copy ceilings (many calls per event pair)
 #   4. full test tier    pytest -m gpu tests/               (full tier only)
 #   5. op micro-benchmarks  pytest benchmarks/              (full tier only)
-#   6. benchmark grid    BERT-base, fp16/bf16, batch 1-128, lengths 16-512, fixed/varlen (full tier only)
+#   6. benchmark grid    BERT-base, bf16/fp16, batch 1-128, lengths 128/512, fixed/varlen (full tier only)
 #   7. summary           benchmarks/gpu_summary.py          MFU, x HF sdpa, x torch.compile (printed last)
 #
 # Everything goes to benchmarks/results/<gpu-name>/. The whole run is held to GPU_CHECK_TOTAL_S
@@ -82,7 +82,8 @@ run_step tests_quick "$(cap 120 "$(( $(left) - 60 ))")" "$out/pytest_quick.log" 
 
 if [[ $TIER != quick ]]; then
     # 4. Headline cells: each run writes its JSON after every cell.
-    common=(--device cuda --dtypes bf16 --providers bert_fast,bert_fast-cpp,hf-sdpa,hf-sdpa-compile,linear-floor
+    common=(--device cuda --dtypes bf16
+            --providers bert_fast,bert_fast-cpp,bert_fast-graphs,hf-sdpa,hf-sdpa-compile,linear-floor
             --repeats 20 --warmup 3 --no-progress --no-plot --out "$out")
     lim=$(cap 150 "$(( $(left) - 150 ))")
     run_step headline_base "$lim" "$out/headline_base.log" "$PY" -m bert_fast bench --model base \
@@ -105,8 +106,9 @@ if [[ $TIER == full ]]; then
     run_step microbench "$(cap 90 "$(( $(left) - 90 ))")" "$out/microbench.log" \
         "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out/microbench.json"
     lim=$(( $(left) - 20 ))
-    run_step grid "$lim" "$out/bench.log" "$PY" -m bert_fast bench --model base --device cuda --dtypes fp16,bf16 \
-        --batch-sizes 1,8,32,128 --seq-lens 16,64,128,512 --profiles fixed,varlen --repeats 10 --warmup 2 \
+    run_step grid "$lim" "$out/bench.log" "$PY" -m bert_fast bench --model base --device cuda --dtypes bf16,fp16 \
+        --batch-sizes 1,32,8,128 --seq-lens 128,512 --profiles fixed,varlen --repeats 10 --warmup 2 \
+        --providers bert_fast,bert_fast-triton,bert_fast-cpp,bert_fast-graphs,hf-sdpa,hf-sdpa-compile,onnxruntime,linear-floor \
         --compile-dynamic true --time-budget $(( lim - 40 )) --out "$out" --no-progress
 fi
 

@@ -20,7 +20,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 RUNS = ("headline_base", "headline_large", "results")
-OURS = ("bert_fast", "bert_fast-cpp")
+OURS = ("bert_fast", "bert_fast-cpp", "bert_fast-graphs")
 
 
 def _load(path: str) -> dict | None:
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if res is None:
             continue
         meta = meta or res.get("meta")
-        if run == "results":  # the grid: only the headline-like cells
-            res = dict(res, records=[r for r in res["records"] if r["batch"] == 32 and r["seq_len"] == 128])
+        if run == "results":  # the grid: only the measured headline-like cells
+            res = dict(res, records=[r for r in res["records"]
+                                     if r["batch"] == 32 and r["seq_len"] == 128 and r["status"] != "skipped"])
         partial = " [partial run]" if res.get("meta", {}).get("partial") else ""
         rows += headline_rows(res, partial)
     if meta:
