@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_MAX_GRAPHS",
     "GraphCache",
     "MAX_GRAPH_TOKENS",
+    "OPTION",
     "bucket_for",
     "dummy_slots",
     "enable",
@@ -70,6 +71,7 @@ __all__ = [
     "fill_cu_seqlens",
     "reset",
     "seqlen_bucket",
+    "set_option",
     "stats",
     "token_bucket",
     "batch_bucket",
@@ -86,7 +88,7 @@ MIN_SEQLEN_BUCKET = 16
 #: Larger packed batches run eagerly (their host overhead is small next to their GPU time).
 MAX_GRAPH_TOKENS = 1 << 16
 
-_OPTION = "_bert_fast_cuda_graphs"  # key in the BertModel's __dict__: a GraphOptions or absent
+OPTION = "_bert_fast_cuda_graphs"  # key in the BertModel's __dict__: a GraphOptions or absent
 _TABLE_KEY = "cuda_graphs"  # key in the model's derived-cache table (bert_fast._plan)
 
 
@@ -382,15 +384,25 @@ def enable(model: Any, max_graphs: int = DEFAULT_MAX_GRAPHS, emulate: bool = Fal
     if not is_optimized(model):
         raise ValueError("cuda_graphs: the model is not optimized; use bert_fast.optimize(model, cuda_graphs=True)")
     bert = _bert(model)
-    bert.__dict__[_OPTION] = GraphOptions(int(max_graphs), bool(emulate))
+    bert.__dict__[OPTION] = GraphOptions(int(max_graphs), bool(emulate))
     _drop_cache(bert)
     return model
+
+
+def set_option(bert, cuda_graphs: bool) -> None:
+    """``optimize(..., cuda_graphs=)`` and the drop-in classes: switch graphs on (default options)
+    or off for a ``BertModel``; either way the existing graphs are dropped."""
+    if cuda_graphs:
+        bert.__dict__[OPTION] = GraphOptions()
+    else:
+        bert.__dict__.pop(OPTION, None)
+    _drop_cache(bert)
 
 
 def disable(model: Any) -> Any:
     """Stop serving ``model`` from graphs and free them; returns ``model``."""
     bert = _bert(model)
-    bert.__dict__.pop(_OPTION, None)
+    bert.__dict__.pop(OPTION, None)
     _drop_cache(bert)
     return model
 
@@ -419,7 +431,7 @@ def _drop_cache(bert) -> None:
 def _cache(bert, create: bool = True) -> GraphCache | None:
     from . import _plan
 
-    options = bert.__dict__.get(_OPTION)
+    options = bert.__dict__.get(OPTION)
     if options is None:
         return None
     table = _plan._table(bert)
@@ -442,7 +454,7 @@ def serving_cache(bert, device: torch.device, n_tokens: int, output_hidden_state
     """The graph cache that serves this forward, or ``None`` (graphs off, or the call is one the
     graphs do not serve: training, grad enabled, hidden states requested, not CUDA unless
     emulating, too many tokens, Dynamo tracing)."""
-    options = bert.__dict__.get(_OPTION)
+    options = bert.__dict__.get(OPTION)
     if options is None:
         return None
     if bert.training or torch.is_grad_enabled() or output_hidden_states or torch.compiler.is_compiling():
@@ -552,7 +564,7 @@ def warmup(
     off. On a model the graphs do not serve (not on CUDA) nothing is captured.
     """
     bert = _bert(model)
-    options = bert.__dict__.get(_OPTION)
+    options = bert.__dict__.get(OPTION)
     if options is None:
         raise ValueError("warmup: CUDA graphs are off for this model; use bert_fast.optimize(model, cuda_graphs=True)")
     param = bert.embeddings.word_embeddings.weight
