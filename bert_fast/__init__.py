@@ -5,6 +5,8 @@
 * ``bert_fast.optimize(model)`` upgrades a transformers BERT model or a sentence-transformers
   model in place; ``bert_fast.revert(model)`` undoes it.
 * ``bert_fast.use_backend("triton" | "cpp" | "torch" | "auto")`` picks the engine for a block.
+* ``bert_fast.optimize(model, cuda_graphs=True)`` and ``bert_fast.warmup(model, ...)``: on a GPU,
+  the encoder replayed from CUDA graphs per shape bucket (:mod:`bert_fast.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _MODELING = {
     "is_optimized",
 }
 
-__all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend", "__version__"})
+__all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend", "warmup", "__version__"})
 
 
 def __getattr__(name: str):
@@ -38,4 +40,8 @@ def __getattr__(name: str):
         from . import modeling
 
         return getattr(modeling, name)
+    if name == "warmup":  # CUDA graphs: capture the buckets a server will see (bert_fast.cuda_graphs)
+        from .cuda_graphs import warmup
+
+        return warmup
     raise AttributeError(f"module 'bert_fast' has no attribute {name!r}")
