@@ -26,6 +26,7 @@ from _check import (
     bert_lengths,
     check_op,
     fuzz_settings,
+    load_cpp_ops,
     packed_lengths,
     skip_unless_cpp,
     skip_unless_triton,
@@ -71,16 +72,19 @@ def packed_qkv(lens, heads, d, dtype, device, layout="fused"):
 
 
 def _lens_for(backend, device, heads):
-    if backend == "triton" and device == "cpu":
-        return LENS_INTERPRETER if heads <= 2 else (1, 7, 0, 17)
-    return LENS
+    """The long batch for the compiled kernels; short ones for the interpreter (one program at a
+    time) and for the reference (the oracle itself)."""
+    if backend == "cpp" or device != "cpu":
+        return LENS
+    return LENS_INTERPRETER if heads <= 2 else (1, 0, 9)
 
 
 # --- CPU tier -----------------------------------------------------------------------------------
 
 
+@pytest.mark.backends("cpp", "triton")  # the torch backend is the oracle itself: the grid would compare it with itself
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,d", [(2, 26), (4, 32), (2, 64), (12, 64)])
+@pytest.mark.parametrize("heads,d", [(2, 26), (4, 32), (12, 64)])
 def test_matches_reference(backend, device, dtype, heads, d):
     lens = _lens_for(backend, device, heads)
     q, k, v, cu = packed_qkv(lens, heads, d, dtype, device)
@@ -199,7 +203,7 @@ def test_cpp_without_blas():
 
 
 def test_opcheck():
-    skip_unless_cpp()
+    load_cpp_ops()
     q, k, v, cu = packed_qkv((3, 0, 6), 2, 26, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.bert_fast.varlen_attention.default, (q, k, v, cu, 6, 0.2))
 
