@@ -188,8 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def _add_embed(sub) -> None:
+    from .embed import add_parser  # texts in, embeddings out (bert_fast.embed)
+
+    add_parser(sub)
+
+
 #: Subcommand registrars, in help order.
-SUBCOMMANDS = [_add_bench, _add_plot]
+SUBCOMMANDS = [_add_bench, _add_plot, _add_embed]
 
 
 if __name__ == "__main__":
