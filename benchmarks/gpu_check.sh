@@ -25,6 +25,8 @@ start=$SECONDS
 left() { echo $(( TOTAL_S - (SECONDS - start) )); }
 # min(a, b), at least 1
 cap() { local v=$(( $1 < $2 ? $1 : $2 )); (( v < 1 )) && v=1; echo "$v"; }
+# The bench's own budget for starting cells inside a step limit: the rest is for the last cell and writing.
+cell_budget() { local b=$(( $1 - 40 )); (( b < $1 / 2 )) && b=$(( $1 / 2 )); echo "$b"; }
 declare -A status
 
 # 1. The interpreter: $PYTHON, else the first with a CUDA torch.
@@ -85,13 +87,13 @@ if [[ $TIER != quick ]]; then
     common=(--device cuda --dtypes bf16
             --providers bert_fast,bert_fast-cpp,bert_fast-graphs,hf-sdpa,hf-sdpa-compile,linear-floor
             --repeats 20 --warmup 3 --no-progress --no-plot --out "$out")
-    lim=$(cap 150 "$(( $(left) - 150 ))")
+    lim=$(cap 150 "$(( $(left) * 6 / 10 ))")
     run_step headline_base "$lim" "$out/headline_base.log" "$PY" -m bert_fast bench --model base \
-        --batch-sizes 32 --seq-lens 128 --profiles fixed,mixed32 --time-budget $(( lim - 40 )) \
+        --batch-sizes 32 --seq-lens 128 --profiles fixed,mixed32 --time-budget "$(cell_budget "$lim")" \
         --name headline_base "${common[@]}"
     lim=$(cap 120 "$(( $(left) - 60 ))")
     run_step headline_large "$lim" "$out/headline_large.log" "$PY" -m bert_fast bench --model large \
-        --batch-sizes 8 --seq-lens 384 --profiles fixed --time-budget $(( lim - 40 )) \
+        --batch-sizes 8 --seq-lens 384 --profiles fixed --time-budget "$(cell_budget "$lim")" \
         --name headline_large "${common[@]}"
 
     # 5. Ceilings.
@@ -109,7 +111,7 @@ if [[ $TIER == full ]]; then
     run_step grid "$lim" "$out/bench.log" "$PY" -m bert_fast bench --model base --device cuda --dtypes bf16,fp16 \
         --batch-sizes 1,32,8,128 --seq-lens 128,512 --profiles fixed,varlen --repeats 10 --warmup 2 \
         --providers bert_fast,bert_fast-triton,bert_fast-cpp,bert_fast-graphs,hf-sdpa,hf-sdpa-compile,onnxruntime,linear-floor \
-        --compile-dynamic true --time-budget $(( lim - 40 )) --out "$out" --no-progress
+        --compile-dynamic true --time-budget "$(cell_budget "$lim")" --out "$out" --no-progress
 fi
 
 # 7. Summary (reads what was written, even by steps that stopped early).
