@@ -124,5 +124,23 @@ def test_fuzz_model_matches_transformers(backend):
         assert (o.last_hidden_state[~valid] == 0).all(), f"{what}: padded positions are not zero"
         first = valid[:, 0]  # the pooler reads position 0
         assert_close_fp32(o.pooler_output[first], a.pooler_output[first], FP32_MODEL_ATOL, f"{what}: pooler")
+        with torch.no_grad():
+            again = ours(attention_mask=our_mask, **kw).last_hidden_state
+        assert torch.equal(again, o.last_hidden_state), f"{what}: two identical calls differ"
 
     case()
+
+
+@pytest.mark.parametrize("backend", backends_for_models())
+@pytest.mark.parametrize("lens", [[0, 0, 0], [0, 5, 1]], ids=["every-row-padding", "one-row-padding"])
+def test_all_padding_rows_are_finite_zeros(backend, lens):
+    config = tiny_config()
+    ref, ours = _models(config, backend)
+    hf_mask, our_mask, valid = _mask("right", lens, 6)
+    ids = torch.randint(0, config.vocab_size, (len(lens), 6))
+    with torch.no_grad():
+        a = ref(ids, attention_mask=hf_mask)
+        o = ours(ids, attention_mask=our_mask)
+    assert torch.isfinite(o.last_hidden_state).all() and torch.isfinite(o.pooler_output).all()
+    assert (o.last_hidden_state[~valid] == 0).all()
+    assert_close_fp32(o.last_hidden_state[valid], a.last_hidden_state[valid], FP32_MODEL_ATOL, f"{backend} {lens}")

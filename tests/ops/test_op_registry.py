@@ -147,3 +147,31 @@ def test_ops_import_and_fall_back_without_triton():
         "except K.BackendUnavailableError as exc:\n"
         "    assert 'triton is not' in str(exc), str(exc)\n",
     )
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_no_graph_break():
+    """A BERT-base layer's fused ops on the Triton backend under Inductor, fullgraph: equal to eager."""
+    skip_unless_triton("cuda")
+    hidden, heads, dev = 768, 12, "cuda"
+    lens = [128, 1, 77, 5, 128, 64, 33, 0]
+    cu = packed_lengths(lens, dev)
+    n = sum(lens)
+    w, b, lb = (torch.randn(hidden, device=dev, dtype=torch.float16) for _ in range(3))
+    bias = torch.randn(4 * hidden, device=dev, dtype=torch.float16)
+
+    def layer(qkv, x):
+        q, k, v = qkv.view(n, 3, heads, hidden // heads).unbind(1)
+        a = K.varlen_attention(q, k, v, cu, max(lens), backend="triton").view(n, hidden)
+        h = K.bias_residual_layer_norm(a, w, b, 1e-12, linear_bias=lb, residual=x, backend="triton")
+        return K.bias_act(h.repeat(1, 4), bias, "gelu", backend="triton")
+
+    qkv = torch.randn(n, 3 * hidden, device=dev, dtype=torch.float16)
+    x = torch.randn(n, hidden, device=dev, dtype=torch.float16)
+    expected = layer(qkv, x)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(layer, fullgraph=True)(qkv, x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
