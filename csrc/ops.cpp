@@ -1,6 +1,7 @@
-// bert_fast._C: operator schemas (TORCH_LIBRARY), the CPU kernels' registration, and the Python
-// module. Fake (meta) implementations for torch.compile live in kernels/_cpp.py; CUDA kernels
-// are registered in cuda_ops.cpp when the extension is built WITH_CUDA.
+// bert_fast._C: operator schemas (TORCH_LIBRARY), the registration of every implementation (CPU
+// always, CUDA in a WITH_CUDA build: the same ops, tests/test_nvcc_compile.py checks both lists
+// match), and the Python module. Fake (meta) implementations for torch.compile live on the Python
+// side (bert_fast.kernels). Keep the schemas as they are: the Python side calls them by name.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -40,6 +41,19 @@ TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
   m.impl("scatter_rows", &scatter_rows_cpu);
   m.impl("linear", &linear_cpu);
 }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(bert_fast, CUDA, m) {
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cuda);
+  m.impl("bias_act", &bias_act_cuda);
+  m.impl("embed_layer_norm", &embed_layer_norm_cuda);
+  m.impl("varlen_attention", &varlen_attention_cuda);
+  m.impl("unpad_mask", &unpad_mask_cuda);
+  m.impl("gather_rows", &gather_rows_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
+  m.impl("linear", &linear_cuda);
+}
+#endif
 
 }  // namespace bert_fast
 
