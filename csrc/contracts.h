@@ -6,20 +6,22 @@
 //
 // Value ranges (ids, indices, cu_seqlens) need the values on the host. The CPU kernels check them
 // inside their own loop over the data (free); the CUDA glue checks ids and indices with
-// check_index_range below (one reduction on the device and one 16-byte copy back: a host sync)
-// and does not read cu_seqlens (see glue.cpp).
+// check_index_ranges below (reductions on the device and one small copy back: one host sync per
+// call) and does not read cu_seqlens (see glue.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
-#include <ATen/ops/stack.h>
+#include <ATen/ops/cat.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "activation.h"
 
@@ -83,16 +85,32 @@ inline void check_in_range(const char* op, const char* label, int64_t v, int64_t
   TORCH_CHECK(v >= 0 && v < rows, op, ": ", label, " ", v, " is out of range [0, ", rows, ")");
 }
 
-// Every value of an index tensor in [0, rows), on any device: one aminmax over the tensor where it
-// lives and one copy of the two results to the host (on CUDA: a host sync). The CPU kernels do not
-// call this; they check each value in the loop that reads it.
-inline void check_index_range(const char* op, const char* label, const at::Tensor& idx, int64_t rows) {
-  if (idx.numel() == 0) return;
-  const auto mm = at::aminmax(idx);
-  const at::Tensor host = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kCPU, at::kLong);
+// Every value of each index tensor in [0, rows), on any device: one aminmax per tensor where it
+// lives, and one copy of all the minima and maxima to the host together (on CUDA: one host sync
+// per call, whatever the number of tensors). Undefined or empty tensors are skipped. The CPU
+// kernels do not call this; they check each value in the loop that reads it.
+struct IndexRange {
+  const char* label;  // e.g. "index", "input_ids value"
+  at::Tensor idx;
+  int64_t rows;
+};
+
+inline void check_index_ranges(const char* op, std::initializer_list<IndexRange> checks) {
+  std::vector<at::Tensor> parts;
+  for (const IndexRange& c : checks) {
+    if (!c.idx.defined() || c.idx.numel() == 0) continue;
+    const auto mm = at::aminmax(c.idx);
+    parts.push_back(std::get<0>(mm).reshape({1}).to(at::kLong));
+    parts.push_back(std::get<1>(mm).reshape({1}).to(at::kLong));
+  }
+  if (parts.empty()) return;
+  const at::Tensor host = at::cat(parts).to(at::kCPU);
   const int64_t* v = host.const_data_ptr<int64_t>();
-  check_in_range(op, label, v[0], rows);
-  check_in_range(op, label, v[1], rows);
+  for (const IndexRange& c : checks) {
+    if (!c.idx.defined() || c.idx.numel() == 0) continue;
+    check_in_range(op, c.label, *v++, c.rows);  // the minimum first: a negative value is reported as such
+    check_in_range(op, c.label, *v++, c.rows);
+  }
 }
 
 // A 1-D parameter (weight, bias) as a contiguous fp32 tensor on its device: parameters are tiny (H
@@ -145,7 +163,7 @@ inline bf_act_t check_bias_act(const at::Tensor& x, const std::optional<at::Tens
 
 // ---- embed_layer_norm(input_ids?, position_ids, token_type_ids?, word_emb, pos_emb, type_emb,
 //      weight, bias, eps, inputs_embeds?) -> hidden size H --------------------------------------------
-// Id ranges: checked by the CPU kernel as it reads each id, by the CUDA glue with check_index_range.
+// Id ranges: checked by the CPU kernel as it reads each id, by the CUDA glue with check_index_ranges.
 // input_ids are ignored (not checked) when inputs_embeds is given.
 
 inline int64_t check_embed_layer_norm(const std::optional<at::Tensor>& input_ids, const at::Tensor& position_ids,
@@ -232,7 +250,7 @@ inline int64_t check_cu_seqlens_values(const int64_t* cu, int64_t B, int64_t N, 
 }
 
 // ---- padding: unpad_mask(mask), gather_rows(x, indices), scatter_rows(x, indices, num_rows) -----------
-// Index ranges: the CPU kernels check each index as they copy; the CUDA glue uses check_index_range.
+// Index ranges: the CPU kernels check each index as they copy; the CUDA glue uses check_index_ranges.
 
 inline void check_unpad_mask(const at::Tensor& mask) {
   TORCH_CHECK(mask.dim() == 2, "unpad_mask: expected a (batch, seq_len) mask, got shape ", mask.sizes());

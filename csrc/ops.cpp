@@ -31,29 +31,25 @@ TORCH_LIBRARY(bert_fast, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
-  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cpu);
-  m.impl("bias_act", &bias_act_cpu);
-  m.impl("embed_layer_norm", &embed_layer_norm_cpu);
-  m.impl("varlen_attention", &varlen_attention_cpu);
-  m.impl("unpad_mask", &unpad_mask_cpu);
-  m.impl("gather_rows", &gather_rows_cpu);
-  m.impl("scatter_rows", &scatter_rows_cpu);
-  m.impl("linear", &linear_cpu);
-}
+// Every op, registered with its <op>_<device> implementation (ops.h): one list for both devices, so
+// an op cannot be registered for one and forgotten for the other.
+#define BERT_FAST_REGISTER_OPS(DEV)                                     \
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_##DEV); \
+  m.impl("bias_act", &bias_act_##DEV);                                 \
+  m.impl("embed_layer_norm", &embed_layer_norm_##DEV);                 \
+  m.impl("varlen_attention", &varlen_attention_##DEV);                 \
+  m.impl("unpad_mask", &unpad_mask_##DEV);                             \
+  m.impl("gather_rows", &gather_rows_##DEV);                           \
+  m.impl("scatter_rows", &scatter_rows_##DEV);                         \
+  m.impl("linear", &linear_##DEV);
+
+TORCH_LIBRARY_IMPL(bert_fast, CPU, m) { BERT_FAST_REGISTER_OPS(cpu) }
 
 #ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(bert_fast, CUDA, m) {
-  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cuda);
-  m.impl("bias_act", &bias_act_cuda);
-  m.impl("embed_layer_norm", &embed_layer_norm_cuda);
-  m.impl("varlen_attention", &varlen_attention_cuda);
-  m.impl("unpad_mask", &unpad_mask_cuda);
-  m.impl("gather_rows", &gather_rows_cuda);
-  m.impl("scatter_rows", &scatter_rows_cuda);
-  m.impl("linear", &linear_cuda);
-}
+TORCH_LIBRARY_IMPL(bert_fast, CUDA, m) { BERT_FAST_REGISTER_OPS(cuda) }
 #endif
+
+#undef BERT_FAST_REGISTER_OPS
 
 }  // namespace bert_fast
 
