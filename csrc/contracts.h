@@ -15,6 +15,7 @@
 #include <ATen/ops/cat.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
