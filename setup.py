@@ -98,10 +98,13 @@ def _extensions():
         print(f"bert_fast: skipping the C++ extension ({exc})", file=sys.stderr)
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # csrc/ops.cpp (schemas, registration, the module) + one CPU file per op; in a CUDA build also
+    # one .cu file per op (torch-free kernels) and csrc/cuda/*.cpp (the glue to torch).
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return [], {}
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_dir = os.path.join("csrc", "cuda")
+    cuda_sources = sorted(glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp")))
     want_cuda = _flag("BERT_FAST_BUILD_CUDA")
     has_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
     if want_cuda == "1" and not has_cuda:

@@ -1,6 +1,7 @@
-// bert_fast._C: operator schemas (TORCH_LIBRARY), the CPU kernels' registration, and the Python
-// module. Fake (meta) implementations for torch.compile live in kernels/_cpp.py; CUDA kernels
-// are registered in cuda_ops.cpp when the extension is built WITH_CUDA.
+// bert_fast._C: operator schemas (TORCH_LIBRARY), the registration of every implementation (CPU
+// always, CUDA in a WITH_CUDA build: the same ops, tests/test_nvcc_compile.py checks both lists
+// match), and the Python module. Fake (meta) implementations for torch.compile live on the Python
+// side (bert_fast.kernels). Keep the schemas as they are: the Python side calls them by name.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -30,16 +31,25 @@ TORCH_LIBRARY(bert_fast, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
-  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_cpu);
-  m.impl("bias_act", &bias_act_cpu);
-  m.impl("embed_layer_norm", &embed_layer_norm_cpu);
-  m.impl("varlen_attention", &varlen_attention_cpu);
-  m.impl("unpad_mask", &unpad_mask_cpu);
-  m.impl("gather_rows", &gather_rows_cpu);
-  m.impl("scatter_rows", &scatter_rows_cpu);
-  m.impl("linear", &linear_cpu);
-}
+// Every op, registered with its <op>_<device> implementation (ops.h): one list for both devices, so
+// an op cannot be registered for one and forgotten for the other.
+#define BERT_FAST_REGISTER_OPS(DEV)                                     \
+  m.impl("bias_residual_layer_norm", &bias_residual_layer_norm_##DEV); \
+  m.impl("bias_act", &bias_act_##DEV);                                 \
+  m.impl("embed_layer_norm", &embed_layer_norm_##DEV);                 \
+  m.impl("varlen_attention", &varlen_attention_##DEV);                 \
+  m.impl("unpad_mask", &unpad_mask_##DEV);                             \
+  m.impl("gather_rows", &gather_rows_##DEV);                           \
+  m.impl("scatter_rows", &scatter_rows_##DEV);                         \
+  m.impl("linear", &linear_##DEV);
+
+TORCH_LIBRARY_IMPL(bert_fast, CPU, m) { BERT_FAST_REGISTER_OPS(cpu) }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(bert_fast, CUDA, m) { BERT_FAST_REGISTER_OPS(cuda) }
+#endif
+
+#undef BERT_FAST_REGISTER_OPS
 
 }  // namespace bert_fast
 

@@ -1,4 +1,6 @@
-// Declarations of the CPU kernels of bert_fast._C (registered in ops.cpp).
+// Declarations of the operators' implementations, registered in ops.cpp: the CPU kernels
+// (csrc/cpu/<op>.cpp, `<op>_cpu`) and, in a WITH_CUDA build, the CUDA entry points
+// (csrc/cuda/glue.cpp, `<op>_cuda`). Both take the arguments of the op's schema in ops.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,30 +11,28 @@
 
 namespace bert_fast {
 
-at::Tensor bias_residual_layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                        double eps, const std::optional<at::Tensor>& linear_bias,
-                                        const std::optional<at::Tensor>& residual);
+#define BERT_FAST_DECLARE_OPS(DEV)                                                                                  \
+  at::Tensor bias_residual_layer_norm_##DEV(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,  \
+                                            double eps, const std::optional<at::Tensor>& linear_bias,               \
+                                            const std::optional<at::Tensor>& residual);                             \
+  at::Tensor bias_act_##DEV(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation); \
+  at::Tensor embed_layer_norm_##DEV(const std::optional<at::Tensor>& input_ids, const at::Tensor& position_ids,     \
+                                    const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb,    \
+                                    const at::Tensor& pos_emb, const at::Tensor& type_emb, const at::Tensor& weight, \
+                                    const at::Tensor& bias, double eps,                                             \
+                                    const std::optional<at::Tensor>& inputs_embeds);                                \
+  at::Tensor varlen_attention_##DEV(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                  \
+                                    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale);                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> unpad_mask_##DEV(const at::Tensor& mask);                          \
+  at::Tensor gather_rows_##DEV(const at::Tensor& x, const at::Tensor& indices);                                     \
+  at::Tensor scatter_rows_##DEV(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows);                  \
+  at::Tensor linear_##DEV(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
-at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation);
+BERT_FAST_DECLARE_OPS(cpu)
+#ifdef WITH_CUDA
+BERT_FAST_DECLARE_OPS(cuda)
+#endif
 
-at::Tensor embed_layer_norm_cpu(const std::optional<at::Tensor>& input_ids, const at::Tensor& position_ids,
-                                const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb,
-                                const at::Tensor& pos_emb, const at::Tensor& type_emb, const at::Tensor& weight,
-                                const at::Tensor& bias, double eps, const std::optional<at::Tensor>& inputs_embeds);
-
-at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unpad_mask_cpu(const at::Tensor& mask);
-
-at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& indices);
-
-at::Tensor scatter_rows_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows);
-
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-
-// Activation codes shared with the CUDA glue.
-enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2 };
-Activation parse_activation(c10::string_view name);
+#undef BERT_FAST_DECLARE_OPS
 
 }  // namespace bert_fast

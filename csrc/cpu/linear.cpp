@@ -16,8 +16,8 @@
 
 #include <algorithm>
 
-#include "common.h"
-#include "ops.h"
+#include "../contracts.h"
+#include "../ops.h"
 
 namespace bert_fast {
 
@@ -26,19 +26,7 @@ constexpr int64_t kMinRowsPerThread = 128;
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "linear";
-  check_cpu(op, "x", x);
-  check_cpu(op, "weight", weight);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(), "-D");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x has ", x.size(-1),
-              " features in its last dim, weight expects ", weight.size(1));
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x is ", dtype_name(x.scalar_type()), ", weight is ",
-              dtype_name(weight.scalar_type()));
-  if (bias) {
-    check_cpu(op, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
-                weight.size(0), "), got ", bias->sizes());
-  }
+  check_linear(x, weight, bias);
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   const int64_t rows = x.numel() / std::max<int64_t>(1, x.size(-1));
   const int64_t threads = at::get_num_threads();

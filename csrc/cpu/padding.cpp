@@ -4,8 +4,9 @@
 // zeros) instead of zero-filling first.
 #include <ATen/Dispatch.h>
 
-#include "common.h"
-#include "ops.h"
+#include "../contracts.h"
+#include "../ops.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <vector>
@@ -14,8 +15,7 @@ namespace bert_fast {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unpad_mask_cpu(const at::Tensor& mask_in) {
   constexpr const char* op = "unpad_mask";
-  check_cpu(op, "mask", mask_in);
-  TORCH_CHECK(mask_in.dim() == 2, op, ": expected a (batch, seq_len) mask, got shape ", mask_in.sizes());
+  check_unpad_mask(mask_in);
   const at::Tensor mask = mask_in.contiguous();
   const int64_t B = mask.size(0), L = mask.size(1);
   at::Tensor cu = at::empty({B + 1}, mask.options().dtype(at::kInt));
@@ -58,26 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpad_mask_cpu(const at::Tensor& 
   return {indices, cu, max_len};
 }
 
-namespace {
-
-at::Tensor indices_i64(const char* op, const at::Tensor& indices) {
-  check_cpu(op, "indices", indices);
-  check_index_dtype(op, "indices", indices);
-  TORCH_CHECK(indices.dim() == 1, op, ": indices must be 1-D, got shape ", indices.sizes());
-  return indices.to(at::kLong).contiguous();
-}
-
-void check_rows_tensor(const char* op, const at::Tensor& x) {
-  check_cpu(op, "x", x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have a row dimension, got a 0-d tensor");
-}
-
-}  // namespace
-
 at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices) {
   constexpr const char* op = "gather_rows";
-  check_rows_tensor(op, x_in);
-  const at::Tensor idx = indices_i64(op, indices);
+  check_gather_rows(x_in, indices);
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
   const at::Tensor x = x_in.contiguous();  // (R, ...) rows copied as raw bytes
   const int64_t R = x.size(0), N = idx.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -87,7 +71,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices) {
   if (N == 0 || row_bytes == 0) {
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(ip[i] >= 0 && ip[i] < R, op, ": index ", ip[i], " is out of range [0, ", R, ")");
+      check_in_range(op, "index", ip[i], R);
     }
     return out;
   }
@@ -97,7 +81,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices) {
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / row_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = ip[i];
-      TORCH_CHECK(r >= 0 && r < R, op, ": index ", r, " is out of range [0, ", R, ")");
+      check_in_range(op, "index", r, R);
       std::memcpy(dst + i * row_bytes, src + r * row_bytes, row_bytes);
     }
   });
@@ -106,11 +90,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices) {
 
 at::Tensor scatter_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
-  check_rows_tensor(op, x_in);
-  const at::Tensor idx = indices_i64(op, indices);
-  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
-  TORCH_CHECK(idx.size(0) == x_in.size(0), op, ": indices has ", idx.size(0), " entries but x has ", x_in.size(0),
-              " rows");
+  check_scatter_rows(x_in, indices, num_rows);
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -120,7 +101,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& x_in, const at::Tensor& indices, i
   std::vector<int64_t> src_of(num_rows, -1);
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index ", ip[i], " is out of range [0, ", num_rows, ")");
+    check_in_range(op, "index", ip[i], num_rows);
     src_of[ip[i]] = i;
   }
   const int64_t row_bytes = num_rows > 0 ? out.nbytes() / num_rows : 0;

@@ -1,9 +1,9 @@
-// Shared helpers for the CPU kernels of bert_fast._C: argument checks and fp32 <-> storage-type
-// vector loads/stores on top of at::vec.
+// Shared helpers of the CPU kernels of bert_fast._C: fp32 <-> storage-type vector loads/stores on
+// top of at::vec, reductions, the dtype dispatch. (Argument checks: csrc/contracts.h.)
 //
 // Vector width: at::vec picks its implementation from the CPU_CAPABILITY_* macros that setup.py
-// passes (AVX2 by default on x86-64, AVX-512 with BERT_FAST_NATIVE=1; the generic, compiler-
-// vectorized fallback elsewhere). All arithmetic below is fp32 whatever the storage type.
+// passes (BERT_FAST_CPU_ISA: AVX-512 when the building CPU has it, else AVX2 on x86-64; the generic,
+// compiler-vectorized fallback elsewhere). All arithmetic below is fp32 whatever the storage type.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,9 +14,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <string>
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
@@ -26,6 +26,13 @@ namespace bert_fast {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
 
 // Load up to kVec elements (count n) of T as fp32 lanes; lanes past n are zero.
 inline Vec load_f(const float* p, int64_t n = kVec) {
@@ -108,40 +115,6 @@ class FlushDenormalsGuard {
   unsigned int saved_;
 #endif
 };
-
-// ---- argument checks (messages name the op, the argument, the value and the limit) ----------
-
-inline std::string dtype_name(at::ScalarType t) { return std::string(c10::toString(t)); }
-
-inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
-}
-
-inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", dtype_name(dt));
-}
-
-inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least one dimension");
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
-              " must be contiguous in its last dimension (stride(-1) == 1), got stride ", t.stride(-1));
-}
-
-inline void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n, ",), got ", t.sizes());
-}
-
-inline void check_index_dtype(const char* op, const char* name, const at::Tensor& t) {
-  auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kLong || dt == at::kInt, op, ": ", name, " must be int64 or int32, got ", dtype_name(dt));
-}
-
-// A 1-D parameter (weight, bias) as a contiguous fp32 tensor: parameters are tiny (H elements), so
-// converting them once per call costs nothing and lets one kernel serve fp32 parameters with
-// bf16/fp16 activations too. The user's tensor is never modified.
-inline at::Tensor param_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // Rows per parallel task so that each task touches at least ~16K elements.
 inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }

@@ -22,8 +22,9 @@
 // longest-processing-time-first (sort by cost, give each to the least-loaded thread) and
 // parallel_for runs over thread ids. Long sequences are split into query blocks so there are
 // enough tasks to balance.
-#include "common.h"
-#include "ops.h"
+#include "../contracts.h"
+#include "../ops.h"
+#include "vec.h"
 
 #include <ATen/native/CPUBlas.h>
 
@@ -84,13 +85,6 @@ gemm16_fn gemm16_for() {
   } else {
     return nullptr;
   }
-}
-
-inline float hmax(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
 // Row-major fp32 fallbacks (no BLAS): C[m x n] = alpha * A[m x k] . B[n x k]^T, and
@@ -274,17 +268,11 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
   }
 }
 
-void check_qkv(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  constexpr const char* op = "varlen_attention";
-  check_cpu(op, name, t);
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be (tokens, heads, head_dim), got shape ", t.sizes());
-  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " shape ", t.sizes(), " != q shape ", q.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", dtype_name(t.scalar_type()),
-              " != q dtype ", dtype_name(q.scalar_type()));
-  check_last_dim_contiguous(op, name, t);
+// The BLAS calls take int leading dimensions.
+void check_blas_strides(const char* name, const at::Tensor& t) {
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(t.stride(i) >= 0 && t.stride(i) < std::numeric_limits<int>::max(), op, ": ", name, " stride(", i,
-                ") = ", t.stride(i), " exceeds the BLAS int range ", std::numeric_limits<int>::max());
+    TORCH_CHECK(t.stride(i) >= 0 && t.stride(i) < std::numeric_limits<int>::max(), "varlen_attention: ", name,
+                " stride(", i, ") = ", t.stride(i), " exceeds the BLAS int range ", std::numeric_limits<int>::max());
   }
 }
 
@@ -298,28 +286,15 @@ at::Tensor blas_compatible(const at::Tensor& t) {
 at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
   constexpr const char* op = "varlen_attention";
-  check_float_dtype(op, "q", q_in);
-  check_qkv("q", q_in, q_in);
-  check_qkv("k", k_in, q_in);
-  check_qkv("v", v_in, q_in);
-  check_cpu(op, "cu_seqlens", cu_seqlens);
-  check_index_dtype(op, "cu_seqlens", cu_seqlens);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
-              ": cu_seqlens must be a 1-D tensor of batch + 1 offsets, got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_varlen_attention(q_in, k_in, v_in, cu_seqlens, scale);
+  check_blas_strides("q", q_in);
+  check_blas_strides("k", k_in);
+  check_blas_strides("v", v_in);
   const int64_t N = q_in.size(0), heads = q_in.size(1), d = q_in.size(2);
   const at::Tensor cu_t = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* cu = cu_t.const_data_ptr<int64_t>();
   const int64_t B = cu_t.numel() - 1;
-  TORCH_CHECK(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
-  TORCH_CHECK(cu[B] == N, op, ": cu_seqlens[-1] = ", cu[B], " must equal the number of tokens ", N);
-  int64_t lmax = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = cu[b + 1] - cu[b];
-    TORCH_CHECK(len >= 0, op, ": cu_seqlens must be non-decreasing, got ", cu[b], " then ", cu[b + 1]);
-    TORCH_CHECK(len <= max_seqlen, op, ": sequence ", b, " has length ", len, " > max_seqlen ", max_seqlen);
-    lmax = std::max(lmax, len);
-  }
+  const int64_t lmax = check_cu_seqlens_values(cu, B, N, max_seqlen);
   at::Tensor out = at::empty({N, heads, d}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || heads == 0 || d == 0) return out.zero_();
   const at::Tensor q = blas_compatible(q_in), k = blas_compatible(k_in), v = blas_compatible(v_in);

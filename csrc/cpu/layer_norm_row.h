@@ -1,0 +1,78 @@
+// One LayerNorm row on CPU, shared by bias_residual_layer_norm and embed_layer_norm: the summed row
+// goes into an fp32 scratch row (which stays in L1), the statistics are computed from it in fp32
+// (mean, then the biased variance as the mean of squared deviations: two passes over the cached
+// row, no cancellation), and the normalized row is written once in the output dtype. Parameters
+// are read as fp32.
+#pragma once
+
+#include <cmath>
+
+#include "vec.h"
+
+namespace bert_fast {
+
+// y = LN(a (+ lb) (+ b) (+ c)) * w + bias, summed in that order (HF's order of operations).
+// a, b, c: rows of T (b, c nullable); lb: fp32 (nullable); buf: H floats of scratch.
+template <typename T>
+inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const float* w, const float* bias, float eps,
+                   T* y, int64_t H, float* buf) {
+  // pass 1: the summed row into buf (fp32), and its sum
+  Vec acc(0.f), acc_b(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kVec <= H; j += 2 * kVec) {
+    Vec h0, h1, t0, t1;
+    load2_f(a + j, h0, h1);
+    if (lb) {
+      h0 = h0 + Vec::loadu(lb + j);
+      h1 = h1 + Vec::loadu(lb + j + kVec);
+    }
+    if (b) {
+      load2_f(b + j, t0, t1);
+      h0 = h0 + t0;
+      h1 = h1 + t1;
+    }
+    if (c) {
+      load2_f(c + j, t0, t1);
+      h0 = h0 + t0;
+      h1 = h1 + t1;
+    }
+    store2_f(buf + j, h0, h1);
+    acc = acc + h0;
+    acc_b = acc_b + h1;
+  }
+  for (; j < H; j += kVec) {
+    const int64_t n = std::min(kVec, H - j);
+    Vec h = load_f(a + j, n);  // lanes past n are zero, so they add nothing to the sum
+    if (lb) h = h + load_f(lb + j, n);
+    if (b) h = h + load_f(b + j, n);
+    if (c) h = h + load_f(c + j, n);
+    store_f(buf + j, h, n);
+    acc = acc + h;
+  }
+  const float mean = hsum(acc + acc_b) / static_cast<float>(H);
+  const Vec vmean(mean);
+  // pass 2 (over the cached row): biased variance as the mean of squared deviations
+  Vec acc2(0.f);
+  for (j = 0; j < H; j += kVec) {
+    const int64_t n = std::min(kVec, H - j);
+    Vec d = load_f(buf + j, n) - vmean;
+    if (n < kVec) d = Vec::set(Vec(0.f), d, n);  // tail lanes would hold -mean
+    acc2 = at::vec::fmadd(d, d, acc2);
+  }
+  const float var = hsum(acc2) / static_cast<float>(H);
+  const Vec vrstd(1.f / std::sqrt(var + eps));  // eps exactly as given, never clamped
+  // pass 3: normalize, scale, shift, one rounding to T
+  j = 0;
+  for (; j + 2 * kVec <= H; j += 2 * kVec) {
+    const Vec h0 = (Vec::loadu(buf + j) - vmean) * vrstd, h1 = (Vec::loadu(buf + j + kVec) - vmean) * vrstd;
+    store2_f(y + j, at::vec::fmadd(h0, Vec::loadu(w + j), Vec::loadu(bias + j)),
+             at::vec::fmadd(h1, Vec::loadu(w + j + kVec), Vec::loadu(bias + j + kVec)));
+  }
+  for (; j < H; j += kVec) {
+    const int64_t n = std::min(kVec, H - j);
+    const Vec hn = (load_f(buf + j, n) - vmean) * vrstd;
+    store_f(y + j, at::vec::fmadd(hn, load_f(w + j, n), load_f(bias + j, n)), n);
+  }
+}
+
+}  // namespace bert_fast
