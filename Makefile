@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) Makefile
+$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23" setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
