@@ -21,7 +21,7 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -89,14 +89,27 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
+_on_cpp_loaded: list[Callable[[], None]] = []
+
+
+def on_cpp_loaded(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once the extension is loaded (at once if it already is)."""
+    _on_cpp_loaded.append(hook)
+    if load_cpp_extension.cache_info().currsize and load_cpp_extension() is not None:
+        hook()
+
+
 @functools.cache
 def load_cpp_extension():
     """Import ``bert_fast._C`` (registers ``torch.ops.bert_fast.*``); ``None`` when it is not built."""
     try:
-        return importlib.import_module("bert_fast._C")
+        mod = importlib.import_module("bert_fast._C")
     except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
         log.debug("bert_fast._C not available: %s", exc)
         return None
+    for hook in _on_cpp_loaded:  # the fake (meta) implementations of the ops, see _dispatch
+        hook()
+    return mod
 
 
 def cpp_usable(device: torch.device) -> bool:
@@ -127,23 +140,39 @@ def _log_auto(op: str, device: torch.device, chosen: str, why: str) -> None:
         log.debug("bert_fast: op %s on %s -> backend %s (%s)", op, device.type, chosen, why)
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None, *, supports=None) -> str:
+def resolve(
+    op: str,
+    device: torch.device,
+    backend: str | None = None,
+    *,
+    supports: Mapping[str, str | None] | Callable[[str], str | None] | None = None,
+    auto_order: tuple[str, ...] = ("triton", "cpp"),
+) -> str:
     """Choose the concrete backend for one call of ``op`` on ``device``.
 
-    ``supports`` maps a backend name to ``None`` (this call can run there) or a reason string (it
-    cannot, e.g. an unsupported shape); backends missing from it are assumed to support the call.
+    ``supports`` says, per backend, ``None`` (this call can run there) or a reason string (it
+    cannot, e.g. an unsupported shape): either a mapping (backends missing from it are assumed to
+    support the call) or a function of the backend name, called only for backends that are
+    candidates (usable on ``device`` and either requested or next in ``auto``'s order).
     An explicit backend that cannot serve the call raises :class:`BackendUnavailableError`;
-    ``auto`` falls back silently (logged once at DEBUG).
+    ``auto`` falls back silently (logged once at DEBUG); ``auto_order``: the fused backends ``auto``
+    tries, in order, before ``torch``.
     """
     want = requested_backend(backend)
-    supports = supports or {}
+    if supports is None:
+        reason_of: Callable[[str], str | None] = _no_reason
+    elif callable(supports):
+        reason_of = supports
+    else:
+        reason_of = supports.get
     if want == "auto":
-        if triton_usable(device) and supports.get("triton") is None:
-            _log_auto(op, device, "triton", "CUDA tensor" if device.type == "cuda" else "TRITON_INTERPRET=1")
-            return "triton"
-        if cpp_usable(device) and supports.get("cpp") is None:
-            _log_auto(op, device, "cpp", "extension built")
-            return "cpp"
+        for be in auto_order:
+            if be == "triton" and triton_usable(device) and reason_of("triton") is None:
+                _log_auto(op, device, "triton", "CUDA tensor" if device.type == "cuda" else "TRITON_INTERPRET=1")
+                return "triton"
+            if be == "cpp" and cpp_usable(device) and reason_of("cpp") is None:
+                _log_auto(op, device, "cpp", "extension built")
+                return "cpp"
         _log_auto(op, device, "torch", "no faster backend usable")
         return "torch"
     if want == "torch":
@@ -164,10 +193,14 @@ def resolve(op: str, device: torch.device, backend: str | None = None, *, suppor
                 f"{op}: backend 'cpp' has no kernels for {device.type} tensors; "
                 + _CPP_HELP.format(why=f" with {device.type} support")
             )
-    reason = supports.get(want)
+    reason = reason_of(want)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {want!r} cannot serve this call: {reason}")
     return want
+
+
+def _no_reason(backend: str) -> None:
+    return None
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

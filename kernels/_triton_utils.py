@@ -1,4 +1,4 @@
-"""Shared plumbing for the Triton backends of the fused ops (issue 3).
+"""Shared plumbing for the Triton backends of the fused ops.
 
 * ``triton`` stays optional: when it cannot be imported, :data:`TRITON_IMPORT_ERROR` says why,
   :func:`jit` returns the plain Python function (never launched: every op's ``_triton_support``
@@ -13,13 +13,19 @@
   ``bert_fast_triton`` namespace with a fake (meta) implementation. Launchers route through the
   custom op only while Dynamo traces (``torch.compiler.is_compiling()``), so eager calls pay no
   dispatcher overhead and compiled graphs hold one opaque node per fused op (no graph break).
-  The namespace is distinct from the C++ extension's ``bert_fast`` library on purpose.
+  The namespace is distinct from the C++ extension's ``bert_fast`` library on purpose; both use
+  the same fake implementation per op.
+* Launchers only assert their preconditions: the public functional validated the call (and the
+  model validates its inputs once per forward).
+* Every launch runs under :func:`device_guard` of its tensors' device: a model on ``cuda:1`` while
+  device 0 is current must launch on device 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -44,6 +50,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size of the row kernels (LayerNorm, embeddings): one row lives in registers.
 MAX_HIDDEN = 4096
 
+#: The row blocks (next power of two >= hidden, at least 16) the row kernels are built for:
+#: hidden 1..4096. Used by the ahead-of-time compile specs.
+ROW_BLOCKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
 
 def jit(fn: Callable) -> Callable:
     """``triton.jit`` when triton is importable; otherwise the function itself (never launched)."""
@@ -54,8 +64,26 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+#: Whether the kernels of this process run under the Triton interpreter. ``triton.jit`` decides
+#: that when a kernel is decorated (module import), so it is read once here, not per launch.
+INTERPRETING = _backend.interpreter_enabled()
+
+
 def interpreting() -> bool:
-    return _backend.interpreter_enabled()
+    return INTERPRETING
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for a launch (a no-op when it already is, or on CPU).
+
+    Triton launches on the *current* device, whatever device the tensors live on.
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def unsupported_common(*tensors: torch.Tensor | None) -> str | None:
@@ -125,9 +153,3 @@ def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
-
-
-def check_same_device(op: str, ref: torch.Tensor, tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
-    for name, t in tensors:
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, expected {ref.device}")

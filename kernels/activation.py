@@ -29,12 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _dispatch
 from . import _triton_utils as _tu
-from ._autograd import fast_forward_ref_backward
 from ._triton_utils import tl, triton
 
+#: Our activation names; a name's index is its code in the Triton kernel (``ACTIVATION`` constexpr).
+#: The C++ extension takes the names.
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 #: HF ``config.hidden_act`` values we support, mapped to our activation names.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -57,43 +59,34 @@ def bias_act_ref(x: torch.Tensor, bias: torch.Tensor | None, activation: str, up
     return y.to(dtype)
 
 
-def _triton_support(x: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+def _triton_support(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
     return _tu.unsupported_common(x, bias)
+
+
+def _bias_act_fake(x, bias, activation):
+    """Fake (meta) implementation of ``bert_fast::bias_act`` and ``bert_fast_triton::bias_act_fwd``."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _bias_act_cpp(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    return torch.ops.bert_fast.bias_act(x, bias, activation)
 
 
 def bias_act(
     x: torch.Tensor, bias: torch.Tensor | None, activation: str, *, backend: str | None = None
 ) -> torch.Tensor:
     """``act(x + bias)`` fused; ``x``: (..., I), ``bias``: (I,) or ``None``."""
-    if activation not in ACTIVATIONS:
+    if activation not in ACTIVATION_CODES:
         raise ValueError(f"bias_act: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if bias is not None and bias.shape != (x.shape[-1],):
         raise ValueError(f"bias_act: bias has shape {tuple(bias.shape)}, expected ({x.shape[-1]},)")
-    be = _backend.resolve("bias_act", x.device, backend, supports={"triton": _triton_support(x, bias)})
-    if be == "torch":
-        return bias_act_ref(x, bias, activation)
-    if be == "triton":
-
-        def fast(x, bias):
-            return bias_act_fwd(x, bias, activation)
-
-    else:
-        from . import _cpp
-
-        def fast(x, bias):
-            return _cpp.bias_act(x, bias, activation)
-
-    if _backend.needs_grad(x, bias):
-        return fast_forward_ref_backward(fast, lambda x, bias: bias_act_ref(x, bias, activation), x, bias)
-    return fast(x, bias)
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"bias_act: bias is on {bias.device}, x on {x.device}")
+    return OP(backend, x, bias, activation)
 
 
-# --- Triton kernels (issue 3) -------------------------------------------------------------------
-
-
-# Activation codes of the kernel (constexpr ints keep the compiled-kernel cache keys simple).
-_ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+# --- Triton kernels ------------------------------------------------------------------------------
 
 
 @_tu.jit
@@ -157,36 +150,72 @@ def _bias_act_fwd_impl(x: torch.Tensor, bias: torch.Tensor | None, activation: s
         return y.view(x.shape)
     bias_c = bias.contiguous() if bias is not None else None
     args = (x2, bias_c if bias_c is not None else x2, y, x2.stride(0), y.stride(0), n_rows, n_cols)
-    flags = {"HAS_BIAS": bias is not None, "ACTIVATION": _ACT_CODES[activation]}
-    if _tu.interpreting():
-        cfg = _INTERPRET_BIAS_ACT
-        grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
-        _bias_act_fwd_kernel[grid](*args, **flags, **cfg, num_warps=4)
-    else:
-        kernel = _tu.autotuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs)
+    flags = {"HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATION_CODES[activation]}
+    with _tu.device_guard(x.device):
+        if _tu.interpreting():
+            cfg = _INTERPRET_BIAS_ACT
+            grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
+            _bias_act_fwd_kernel[grid](*args, **flags, **cfg, num_warps=4)
+        else:
+            kernel = _tu.autotuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs)
 
-        def grid(meta):
-            return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
+            def grid(meta):
+                return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
 
-        kernel[grid](*args, **flags)
+            kernel[grid](*args, **flags)
     return y.view(x.shape)
 
 
-def _bias_act_fwd_fake(x, bias, activation):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 _bias_act_op = _tu.register_op(
-    "bias_act_fwd", "(Tensor x, Tensor? bias, str activation) -> Tensor", _bias_act_fwd_impl, _bias_act_fwd_fake
+    "bias_act_fwd", "(Tensor x, Tensor? bias, str activation) -> Tensor", _bias_act_fwd_impl, _bias_act_fake
 )
 
 
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """Triton forward: ``act(x + bias)`` in fp32, rounded once; ``x`` (..., I), returns x's dtype/shape."""
-    if activation not in _ACT_CODES:
-        raise ValueError(f"bias_act: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if bias is not None and bias.shape != (x.shape[-1],):
-        raise ValueError(f"bias_act: bias has shape {tuple(bias.shape)}, expected ({x.shape[-1]},)")
+    """Triton forward: ``act(x + bias)`` in fp32, rounded once; ``x`` (..., I), returns x's dtype/shape.
+
+    Arguments are asserted, not validated: :func:`bias_act` validates them.
+    """
+    assert activation in ACTIVATION_CODES and (bias is None or bias.shape == (x.shape[-1],))
     if _tu.compiling() and _bias_act_op is not None:
         return _bias_act_op(x, bias, activation)
     return _bias_act_fwd_impl(x, bias, activation)
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
+
+    Each entry: ``label``, ``kernel``, ``signature`` (argument -> Triton type, ``{dt}`` standing
+    for the activation dtype), ``constexprs``, ``num_warps``, ``num_stages``.
+    """
+    sig = {
+        "X": "*{dt}", "Bias": "*{dt}", "Y": "*{dt}", "stride_x_row": "i32", "stride_y_row": "i32",
+        "n_rows": "i32", "n_cols": "i32",
+    }  # fmt: skip
+    specs = []
+    # Every config with the heaviest variant (exact GELU with a bias); every activation and the
+    # bias-free variant on the first config (the tile code is shared, only the epilogue differs).
+    for i, cfg in enumerate(_bias_act_configs()):
+        for act, code in ACTIVATION_CODES.items():
+            for has_bias in (True, False):
+                if i > 0 and (act != "gelu" or not has_bias):
+                    continue
+                specs.append({
+                    "label": f"bias_act {act} bias={has_bias} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} "
+                             f"w={cfg.num_warps}",
+                    "kernel": _bias_act_fwd_kernel, "signature": sig,
+                    "constexprs": {"HAS_BIAS": has_bias, "ACTIVATION": code, **cfg.kwargs},
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                })  # fmt: skip
+    return specs
+
+
+_dispatch.register_cpp_fake("bias_act", _bias_act_fake)
+
+OP = _dispatch.Op(
+    "bias_act",
+    bias_act_ref,
+    {"triton": bias_act_fwd, "cpp": _bias_act_cpp},
+    supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
+    grad_args=(0, 1),
+)

@@ -37,9 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _dispatch
 from . import _triton_utils as _tu
-from ._autograd import fast_forward_ref_backward
 from ._triton_utils import tl, triton
 
 
@@ -109,7 +108,7 @@ def _check(q, k, v, cu_seqlens) -> None:
         raise ValueError("varlen_attention: q, k, v and cu_seqlens must be on one device")
 
 
-def _triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen: int, dropout_p: float) -> str | None:
+def _triton_support(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
     if dropout_p > 0:
         return "attention dropout is not fused"
@@ -126,10 +125,28 @@ def _triton_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqle
     return None
 
 
-def _cpp_support(q: torch.Tensor, dropout_p: float) -> str | None:
-    if q.device.type != "cpu":
-        return "the C++ extension has a CPU attention kernel only (use triton on the GPU)"
-    return "attention dropout is not fused" if dropout_p > 0 else None
+def _cpp_support(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p) -> str | None:
+    if dropout_p > 0:
+        return "attention dropout is not fused"
+    if q.device.type == "cpu":
+        return _dispatch.fused_dtypes(q, k, v)
+    # The extension has no CUDA attention kernel: under ``cpp`` the GPU runs our Triton kernel.
+    if not _backend.triton_usable(q.device):
+        return f"the C++ extension has a CPU attention kernel only, and triton is not usable on {q.device}"
+    return _triton_support(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
+
+
+def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Fake (meta) implementation of ``bert_fast::varlen_attention`` and its Triton custom op."""
+    return q.new_empty(q.shape)
+
+
+def _varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p):
+    return torch.ops.bert_fast.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p):
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def varlen_attention(
@@ -146,35 +163,10 @@ def varlen_attention(
     """Attention within each packed sequence; returns (N, heads, head_dim), contiguous."""
     _check(q, k, v, cu_seqlens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    be = _backend.resolve(
-        "varlen_attention",
-        q.device,
-        backend,
-        supports={"triton": _triton_support(q, k, v, max_seqlen, dropout_p), "cpp": _cpp_support(q, dropout_p)},
-    )
-
-    def ref(q, k, v):
-        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
-
-    if be == "torch":
-        return ref(q, k, v)
-    if be == "triton":
-
-        def fast(q, k, v):
-            return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
-
-    else:
-        from . import _cpp
-
-        def fast(q, k, v):
-            return _cpp.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
-
-    if _backend.needs_grad(q, k, v):
-        return fast_forward_ref_backward(fast, ref, q, k, v)
-    return fast(q, k, v)
+    return OP(backend, q, k, v, cu_seqlens, int(max_seqlen), scale, float(dropout_p))
 
 
-# --- Triton kernels (issue 3) -------------------------------------------------------------------
+# --- Triton kernels ------------------------------------------------------------------------------
 
 
 _MAX_HEAD_DIM = 128
@@ -284,7 +276,8 @@ def _attention_configs(d_pad: int, fp32: bool) -> list:
     in registers, so their tiles are much smaller (e.g. 64x32 with 4 warps spills at head_dim 64).
     """
     if fp32:
-        cands = [(32, 32, 4, 2), (64, 32, 8, 2)] if d_pad <= 64 else [(16, 32, 4, 2), (32, 32, 8, 2)]
+        # 8 warps: with 4, head_dim 64 (32x32) and 128 (16x32) spill on sm_80 (ptxas stack 8-16 B).
+        cands = [(32, 32, 8, 2), (64, 32, 8, 2)] if d_pad <= 64 else [(16, 32, 8, 2), (32, 32, 8, 2)]
     elif d_pad <= 64:
         cands = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]
     else:
@@ -319,31 +312,28 @@ def _varlen_attention_fwd_impl(
             {},
         )
     seqs_per_launch = max(1, _MAX_GRID_Y // heads)
-    for first in range(0, batch, seqs_per_launch):
-        n_seqs = min(seqs_per_launch, batch - first)
+    with _tu.device_guard(q.device):
+        for first in range(0, batch, seqs_per_launch):
+            n_seqs = min(seqs_per_launch, batch - first)
 
-        def grid(meta, n_seqs=n_seqs):
-            return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * heads)
+            def grid(meta, n_seqs=n_seqs):
+                return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * heads)
 
-        # cu_seqlens holds absolute offsets, so a chunk of sequences is just a slice of it.
-        kernel[grid](
-            q, k, v, out, cu[first:],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            heads, float(scale) * 1.4426950408889634, seqlen_bucket,
-            **consts, **cfg,
-        )  # fmt: skip
+            # cu_seqlens holds absolute offsets, so a chunk of sequences is just a slice of it.
+            kernel[grid](
+                q, k, v, out, cu[first:],
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+                out.stride(1), heads, float(scale) * 1.4426950408889634, seqlen_bucket,
+                **consts, **cfg,
+            )  # fmt: skip
     return out
-
-
-def _varlen_attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape)
 
 
 _varlen_attention_op = _tu.register_op(
     "varlen_attention_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> Tensor",
     _varlen_attention_fwd_impl,
-    _varlen_attention_fwd_fake,
+    _varlen_attention_fake,
 )
 
 
@@ -355,11 +345,57 @@ def varlen_attention_fwd(
     max_seqlen: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton forward of :func:`varlen_attention` (no dropout); returns (N, heads, head_dim), contiguous."""
-    _check(q, k, v, cu_seqlens)
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        raise ValueError(f"varlen_attention: the Triton kernel supports head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    """Triton forward of :func:`varlen_attention` (no dropout); returns (N, heads, head_dim), contiguous.
+
+    Arguments are asserted, not validated: :func:`varlen_attention` validates them.
+    """
+    assert q.dim() == 3 and k.shape == q.shape == v.shape and q.shape[-1] <= _MAX_HEAD_DIM
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _tu.compiling() and _varlen_attention_op is not None:
         return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale)
     return _varlen_attention_fwd_impl(q, k, v, cu_seqlens, int(max_seqlen), scale)
+
+
+#: head_dims the ahead-of-time compile test builds: BERT's (32, 64, 128) and odd ones per bucket
+#: (26 MiniLM/TinyBERT-style, 40, 80) that exercise the head_dim masks.
+AOT_HEAD_DIMS = (26, 32, 40, 64, 80, 128)
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
+
+    ``{dt}`` stands for the q/k/v dtype; ``fp32_only`` / ``half_only`` mark configs used for one
+    precision class only (the autotune configs differ for fp32).
+    """
+    sig = {
+        "Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "Out": "*{dt}", "CuSeqlens": "*i32",
+        "stride_q_tok": "i32", "stride_q_head": "i32", "stride_k_tok": "i32", "stride_k_head": "i32",
+        "stride_v_tok": "i32", "stride_v_head": "i32", "stride_o_tok": "i32", "stride_o_head": "i32",
+        "num_heads": "i32", "qk_scale": "fp32", "seqlen_bucket": "i32",
+    }  # fmt: skip
+    specs = []
+    for head_dim in AOT_HEAD_DIMS:
+        d_pad = _attention_head_dim_bucket(head_dim)
+        for fp32 in (False, True):
+            for cfg in _attention_configs(d_pad, fp32):
+                specs.append({
+                    "label": f"varlen_attention d={head_dim}(pad {d_pad}) {cfg.kwargs['BLOCK_M']}x"
+                             f"{cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages}",
+                    "kernel": _varlen_attention_fwd_kernel, "signature": sig,
+                    "constexprs": {"HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32",
+                                   **cfg.kwargs},
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                    "dtypes": ("fp32",) if fp32 else ("fp16", "bf16"),
+                })  # fmt: skip
+    return specs
+
+
+_dispatch.register_cpp_fake("varlen_attention", _varlen_attention_fake)
+
+OP = _dispatch.Op(
+    "varlen_attention",
+    varlen_attention_ref,
+    {"triton": _varlen_attention_triton, "cpp": {"cpu": _varlen_attention_cpp, "cuda": _varlen_attention_triton}},
+    supports={"triton": _triton_support, "cpp": _cpp_support},
+    grad_args=(0, 1, 2),
+)

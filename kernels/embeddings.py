@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _dispatch
 from . import _triton_utils as _tu
-from ._autograd import fast_forward_ref_backward
 from ._triton_utils import tl
 
 
@@ -62,7 +61,8 @@ def embed_layer_norm_ref(
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps).to(dtype)
 
 
-def _triton_support(word_embeddings, position_embeddings, token_type_embeddings, weight, bias, inputs_embeds):
+def _triton_support(ii, pi, ti, word_embeddings, position_embeddings, token_type_embeddings, weight, bias, eps,
+                    inputs_embeds) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
     reason = _tu.unsupported_common(
         word_embeddings, position_embeddings, token_type_embeddings, weight, bias, inputs_embeds
@@ -72,6 +72,46 @@ def _triton_support(word_embeddings, position_embeddings, token_type_embeddings,
     if word_embeddings.shape[-1] > _tu.MAX_HIDDEN:
         return f"hidden size {word_embeddings.shape[-1]} > {_tu.MAX_HIDDEN} (one row must fit in registers)"
     return None
+
+
+def _embed_layer_norm_fake(ii, pi, ti, we, pe, te, w, b, eps, ie=None):
+    """Fake (meta) implementation of ``bert_fast::embed_layer_norm`` and its Triton custom op."""
+    n_rows = pi.shape[0] if pi.dim() == 1 else pi.numel()
+    dtype = ie.dtype if ie is not None else we.dtype
+    return we.new_empty((n_rows, we.shape[1]), dtype=dtype)
+
+
+def _embed_layer_norm_cpp(ii, pi, ti, we, pe, te, w, b, eps, ie):
+    return torch.ops.bert_fast.embed_layer_norm(ii, pi, ti, we, pe, te, w, b, eps, ie)
+
+
+def _check(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings,
+           weight, bias, inputs_embeds) -> None:
+    if inputs_embeds is None and input_ids is None:
+        raise ValueError("embed_layer_norm: give input_ids or inputs_embeds")
+    n = position_ids.shape[0]
+    hidden = word_embeddings.shape[1]
+    if inputs_embeds is not None and inputs_embeds.shape != (n, hidden):
+        raise ValueError(
+            f"embed_layer_norm: inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected ({n}, {hidden})"
+        )
+    for name, ids in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
+        if ids is not None and (ids.shape != (n,) or ids.is_floating_point()):
+            raise ValueError(f"embed_layer_norm: {name} must be integer ids of shape ({n},), got {tuple(ids.shape)}")
+    for name, t in (("position_embeddings", position_embeddings), ("token_type_embeddings", token_type_embeddings)):
+        if t.dim() != 2 or t.shape[1] != hidden:
+            raise ValueError(f"embed_layer_norm: {name} has shape {tuple(t.shape)}, expected (*, {hidden})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (hidden,):
+            raise ValueError(f"embed_layer_norm: {name} has shape {tuple(t.shape)}, expected ({hidden},)")
+    named = (
+        ("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids),
+        ("position_embeddings", position_embeddings), ("token_type_embeddings", token_type_embeddings),
+        ("weight", weight), ("bias", bias), ("inputs_embeds", inputs_embeds),
+    )  # fmt: skip
+    for name, t in named:
+        if t is not None and t.device != word_embeddings.device:
+            raise ValueError(f"embed_layer_norm: {name} is on {t.device}, expected {word_embeddings.device}")
 
 
 def embed_layer_norm(
@@ -90,45 +130,15 @@ def embed_layer_norm(
 ) -> torch.Tensor:
     """Embeddings + LayerNorm for packed tokens; returns (N, H) in the embeddings' dtype.
 
-    Ids are not range-checked here (a kernel cannot raise); callers validate them first.
+    Shapes, dtypes and devices are validated here; id ranges are not (a GPU kernel cannot raise;
+    the C++ CPU kernel checks them, the model validates them before any kernel runs).
     """
-    device = word_embeddings.device
-    tables = (word_embeddings, position_embeddings, token_type_embeddings, weight, bias, inputs_embeds)
-    be = _backend.resolve("embed_layer_norm", device, backend, supports={"triton": _triton_support(*tables)})
-    args = (
-        input_ids,
-        position_ids,
-        token_type_ids,
-        word_embeddings,
-        position_embeddings,
-        token_type_embeddings,
-        weight,
-        bias,
-        inputs_embeds,
-    )
-
-    def ref(ii, pi, ti, we, pe, te, w, b, ie):
-        return embed_layer_norm_ref(ii, pi, ti, we, pe, te, w, b, eps, inputs_embeds=ie)
-
-    if be == "torch":
-        return ref(*args)
-    if be == "triton":
-
-        def fast(ii, pi, ti, we, pe, te, w, b, ie):
-            return embed_layer_norm_fwd(ii, pi, ti, we, pe, te, w, b, eps, ie)
-
-    else:
-        from . import _cpp
-
-        def fast(ii, pi, ti, we, pe, te, w, b, ie):
-            return _cpp.embed_layer_norm(ii, pi, ti, we, pe, te, w, b, eps, ie)
-
-    if _backend.needs_grad(*args):
-        return fast_forward_ref_backward(fast, ref, *args)
-    return fast(*args)
+    tables = (word_embeddings, position_embeddings, token_type_embeddings, weight, bias)
+    _check(input_ids, position_ids, token_type_ids, *tables, inputs_embeds)
+    return OP(backend, input_ids, position_ids, token_type_ids, *tables, float(eps), inputs_embeds)
 
 
-# --- Triton kernels (issue 3) -------------------------------------------------------------------
+# --- Triton kernels ------------------------------------------------------------------------------
 
 
 @_tu.jit
@@ -233,18 +243,13 @@ def _embed_layer_norm_fwd_impl(
         float(eps),
     )
     flags = {"HAS_INPUTS_EMBEDS": embeds is not None, "HAS_TOKEN_TYPES": token_type_ids is not None, "BLOCK_H": block}
-    if _tu.interpreting():
-        _embed_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
-    else:
-        kernel = _tu.autotuned(_embed_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
-        kernel[(n_rows,)](*args, **flags)
+    with _tu.device_guard(y.device):
+        if _tu.interpreting():
+            _embed_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
+        else:
+            kernel = _tu.autotuned(_embed_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
+            kernel[(n_rows,)](*args, **flags)
     return y
-
-
-def _embed_layer_norm_fwd_fake(ii, pi, ti, we, pe, te, w, b, eps, ie):
-    n_rows = ie.shape[0] if ie is not None else ii.shape[0]
-    dtype = ie.dtype if ie is not None else we.dtype
-    return we.new_empty((n_rows, we.shape[1]), dtype=dtype)
 
 
 _embed_layer_norm_op = _tu.register_op(
@@ -253,7 +258,7 @@ _embed_layer_norm_op = _tu.register_op(
     "Tensor position_embeddings, Tensor token_type_embeddings, Tensor weight, Tensor bias, float eps, "
     "Tensor? inputs_embeds) -> Tensor",
     _embed_layer_norm_fwd_impl,
-    _embed_layer_norm_fwd_fake,
+    _embed_layer_norm_fake,
 )
 
 
@@ -269,38 +274,11 @@ def embed_layer_norm_fwd(
     eps: float,
     inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton forward of :func:`embed_layer_norm` for packed tokens; returns (N, H)."""
-    if inputs_embeds is None and input_ids is None:
-        raise ValueError("embed_layer_norm: give input_ids or inputs_embeds")
-    n = inputs_embeds.shape[0] if inputs_embeds is not None else input_ids.shape[0]
-    hidden = word_embeddings.shape[1]
-    if inputs_embeds is not None and inputs_embeds.shape != (n, hidden):
-        raise ValueError(
-            f"embed_layer_norm: inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected (N, {hidden})"
-        )
-    for name, ids in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
-        if ids is not None and (ids.shape != (n,) or ids.is_floating_point()):
-            raise ValueError(f"embed_layer_norm: {name} must be integer ids of shape ({n},), got {tuple(ids.shape)}")
-    for name, t in (("position_embeddings", position_embeddings), ("token_type_embeddings", token_type_embeddings)):
-        if t.dim() != 2 or t.shape[1] != hidden:
-            raise ValueError(f"embed_layer_norm: {name} has shape {tuple(t.shape)}, expected (*, {hidden})")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.shape != (hidden,):
-            raise ValueError(f"embed_layer_norm: {name} has shape {tuple(t.shape)}, expected ({hidden},)")
-    _tu.check_same_device(
-        "embed_layer_norm",
-        word_embeddings,
-        [
-            ("input_ids", input_ids),
-            ("position_ids", position_ids),
-            ("token_type_ids", token_type_ids),
-            ("position_embeddings", position_embeddings),
-            ("token_type_embeddings", token_type_embeddings),
-            ("weight", weight),
-            ("bias", bias),
-            ("inputs_embeds", inputs_embeds),
-        ],
-    )
+    """Triton forward of :func:`embed_layer_norm` for packed tokens; returns (N, H).
+
+    Arguments are asserted, not validated: :func:`embed_layer_norm` validates them.
+    """
+    assert (input_ids is not None or inputs_embeds is not None) and position_ids.dim() == 1
     if _tu.compiling() and _embed_layer_norm_op is not None:
         return _embed_layer_norm_op(
             input_ids,
@@ -326,3 +304,49 @@ def embed_layer_norm_fwd(
         eps,
         inputs_embeds,
     )
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
+
+    ``{dt}`` stands for the table dtype, ``{it}`` for the id dtype. Every row block and warp count
+    with the heaviest variant (ids gathered, token types given); the other input variants with the first
+    warp count of BERT's row blocks (512, 1024); BLOCK_H 512 without the divisibility hints
+    (``divisible=False``: hidden % 16 != 0, e.g. TinyBERT's 312).
+    """
+    sig = {
+        "InputIds": "*{it}", "InputsEmbeds": "*{dt}", "PositionIds": "*{it}", "TokenTypeIds": "*{it}",
+        "WordEmb": "*{dt}", "PosEmb": "*{dt}", "TypeEmb": "*{dt}", "W": "*{dt}", "B": "*{dt}",
+        "Y": "*{dt}", "stride_inputs_embeds_row": "i32", "stride_word_row": "i32",
+        "stride_pos_row": "i32", "stride_type_row": "i32", "stride_y_row": "i32", "n_cols": "i32",
+        "eps": "fp32",
+    }  # fmt: skip
+    specs = []
+    for block in _tu.ROW_BLOCKS:
+        for i, cfg in enumerate(_tu.row_configs(block)):
+            for embeds, types in ((False, True), (False, False), (True, True), (True, False)):
+                # input variants: first warp count, BERT's row blocks (hidden 384..1024)
+                if (i > 0 or block not in (512, 1024)) and (embeds or not types):
+                    continue
+                specs.append({
+                    "label": f"embed_layer_norm BLOCK_H={block} embeds={embeds} types={types} w={cfg.num_warps}",
+                    "kernel": _embed_layer_norm_fwd_kernel, "signature": sig,
+                    "constexprs": {"HAS_INPUTS_EMBEDS": embeds, "HAS_TOKEN_TYPES": types, "BLOCK_H": block},
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                })  # fmt: skip
+    # hidden % 16 != 0 (TinyBERT's 312 -> BLOCK_H 512): strides and n_cols lose the divisibility hint.
+    base = next(s for s in specs if s["constexprs"]["BLOCK_H"] == 512)
+    specs.append(dict(base, label=base["label"] + " hidden%16!=0", divisible=False))
+    return specs
+
+
+_dispatch.register_cpp_fake("embed_layer_norm", _embed_layer_norm_fake)
+
+OP = _dispatch.Op(
+    "embed_layer_norm",
+    embed_layer_norm_ref,
+    {"triton": embed_layer_norm_fwd, "cpp": _embed_layer_norm_cpp},
+    supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
+    device_arg=3,
+    grad_args=(3, 4, 5, 6, 7, 9),
+)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _dispatch
 from . import _triton_utils as _tu
-from ._autograd import fast_forward_ref_backward
 from ._triton_utils import tl
 
 
@@ -73,7 +72,7 @@ def _check(x, weight, bias, linear_bias, residual) -> None:
             raise ValueError(f"bias_residual_layer_norm: {name} is on {t.device}, x on {x.device}")
 
 
-def _triton_support(x, weight, bias, linear_bias, residual) -> str | None:
+def _triton_support(x, weight, bias, eps, linear_bias, residual) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
     reason = _tu.unsupported_common(x, weight, bias, linear_bias, residual)
     if reason is not None:
@@ -81,6 +80,15 @@ def _triton_support(x, weight, bias, linear_bias, residual) -> str | None:
     if x.shape[-1] > _tu.MAX_HIDDEN:
         return f"hidden size {x.shape[-1]} > {_tu.MAX_HIDDEN} (one row must fit in registers)"
     return None
+
+
+def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, residual=None):
+    """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm`` and its Triton custom op."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _bias_residual_layer_norm_cpp(x, weight, bias, eps, linear_bias, residual):
+    return torch.ops.bert_fast.bias_residual_layer_norm(x, weight, bias, eps, linear_bias, residual)
 
 
 def bias_residual_layer_norm(
@@ -95,31 +103,10 @@ def bias_residual_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x + linear_bias + residual)`` over the last dim, fused. ``x``: (..., H)."""
     _check(x, weight, bias, linear_bias, residual)
-    args = (x, weight, bias, linear_bias, residual)
-    be = _backend.resolve("bias_residual_layer_norm", x.device, backend, supports={"triton": _triton_support(*args)})
-    if be == "torch":
-        return bias_residual_layer_norm_ref(x, weight, bias, eps, linear_bias, residual)
-    if be == "triton":
-
-        def fast(x, weight, bias, linear_bias, residual):
-            return bias_residual_layer_norm_fwd(x, weight, bias, eps, linear_bias, residual)
-
-    else:
-        from . import _cpp
-
-        def fast(x, weight, bias, linear_bias, residual):
-            return _cpp.bias_residual_layer_norm(x, weight, bias, eps, linear_bias, residual)
-
-    if _backend.needs_grad(*args):
-
-        def ref(x, weight, bias, linear_bias, residual):
-            return bias_residual_layer_norm_ref(x, weight, bias, eps, linear_bias, residual)
-
-        return fast_forward_ref_backward(fast, ref, *args)
-    return fast(*args)
+    return OP(backend, x, weight, bias, float(eps), linear_bias, residual)
 
 
-# --- Triton kernels (issue 3) -------------------------------------------------------------------
+# --- Triton kernels ------------------------------------------------------------------------------
 
 
 @_tu.jit
@@ -186,11 +173,12 @@ def _layer_norm_launch(x2, weight, bias, eps, linear_bias, residual2, y) -> None
         float(eps),
     )
     flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None, "BLOCK_H": block}
-    if _tu.interpreting():
-        _bias_residual_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
-    else:
-        kernel = _tu.autotuned(_bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
-        kernel[(n_rows,)](*args, **flags)
+    with _tu.device_guard(x2.device):
+        if _tu.interpreting():
+            _bias_residual_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
+        else:
+            kernel = _tu.autotuned(_bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
+            kernel[(n_rows,)](*args, **flags)
 
 
 def _bias_residual_layer_norm_fwd_impl(
@@ -216,15 +204,11 @@ def _bias_residual_layer_norm_fwd_impl(
     return y.view(x.shape)
 
 
-def _bias_residual_layer_norm_fwd_fake(x, weight, bias, eps, linear_bias, residual):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 _bias_residual_layer_norm_op = _tu.register_op(
     "bias_residual_layer_norm_fwd",
     "(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias, Tensor? residual) -> Tensor",
     _bias_residual_layer_norm_fwd_impl,
-    _bias_residual_layer_norm_fwd_fake,
+    _bias_residual_layer_norm_fake,
 )
 
 
@@ -236,8 +220,55 @@ def bias_residual_layer_norm_fwd(
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape."""
-    _check(x, weight, bias, linear_bias, residual)
+    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape.
+
+    Arguments are asserted, not validated: :func:`bias_residual_layer_norm` validates them.
+    """
+    assert weight.shape == bias.shape == (x.shape[-1],) and (residual is None or residual.shape == x.shape)
     if _tu.compiling() and _bias_residual_layer_norm_op is not None:
         return _bias_residual_layer_norm_op(x, weight, bias, float(eps), linear_bias, residual)
     return _bias_residual_layer_norm_fwd_impl(x, weight, bias, eps, linear_bias, residual)
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
+
+    Each entry: ``label``, ``kernel``, ``signature`` (``{dt}`` standing for the activation dtype),
+    ``constexprs``, ``num_warps``, ``num_stages``. Every row block and warp count with both optional
+    inputs present (most live registers); the optional-input variants with the first warp count of
+    BERT's row blocks (512, 1024); BLOCK_H 512 without the divisibility hints (``divisible=False``:
+    hidden % 16 != 0, e.g. TinyBERT's 312).
+    """
+    sig = {
+        "X": "*{dt}", "Residual": "*{dt}", "LinearBias": "*{dt}", "W": "*{dt}", "B": "*{dt}",
+        "Y": "*{dt}", "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32",
+        "n_cols": "i32", "eps": "fp32",
+    }  # fmt: skip
+    specs = []
+    for block in _tu.ROW_BLOCKS:
+        for i, cfg in enumerate(_tu.row_configs(block)):
+            for has_lb, has_res in ((True, True), (True, False), (False, True), (False, False)):
+                # optional-input variants: first warp count, BERT's row blocks (hidden 384..1024)
+                if (i > 0 or block not in (512, 1024)) and not (has_lb and has_res):
+                    continue
+                specs.append({
+                    "label": f"layer_norm BLOCK_H={block} lb={has_lb} res={has_res} w={cfg.num_warps}",
+                    "kernel": _bias_residual_layer_norm_fwd_kernel, "signature": sig,
+                    "constexprs": {"HAS_LINEAR_BIAS": has_lb, "HAS_RESIDUAL": has_res, "BLOCK_H": block},
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                })  # fmt: skip
+    # hidden % 16 != 0 (TinyBERT's 312 -> BLOCK_H 512): strides and n_cols lose the divisibility hint.
+    base = next(s for s in specs if s["constexprs"]["BLOCK_H"] == 512)
+    specs.append(dict(base, label=base["label"] + " hidden%16!=0", divisible=False))
+    return specs
+
+
+_dispatch.register_cpp_fake("bias_residual_layer_norm", _bias_residual_layer_norm_fake)
+
+OP = _dispatch.Op(
+    "bias_residual_layer_norm",
+    bias_residual_layer_norm_ref,
+    {"triton": bias_residual_layer_norm_fwd, "cpp": _bias_residual_layer_norm_cpp},
+    supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
+    grad_args=(0, 1, 2, 4, 5),
+)

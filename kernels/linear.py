@@ -6,8 +6,15 @@ backend adds on the CPU is the way a half-precision GEMM is spread over threads 
 2-thread split of BERT's shapes on AMX machines). fp32, small batches and everything under
 autograd run ``torch.nn.functional.linear`` unchanged.
 
-Backends: ``torch`` / ``triton`` -> :func:`linear_ref` (there is no Triton GEMM of ours: cuBLAS is
-the right engine), ``cpp`` -> ``torch.ops.bert_fast.linear`` on CPU tensors.
+What each backend runs (declared in :data:`OP`, never substituted silently):
+
+* ``torch`` -> :func:`linear_ref` (``F.linear``).
+* ``triton`` -> :func:`linear_ref` as well: there is no Triton GEMM of ours; on the GPU the GEMM is
+  cuBLAS's, which is the right engine (under the interpreter, on CPU, it is oneDNN/MKL's).
+* ``cpp`` on CPU -> prepacked oneDNN weights for small batches, else ``torch.ops.bert_fast.linear``
+  (the row split for half precision); on CUDA -> ``torch.ops.bert_fast.linear`` when the extension
+  registers a CUDA kernel for it, else cuBLAS through :func:`linear_ref`.
+* Under autograd every backend runs :func:`linear_ref` (differentiable as is).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _dispatch
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,9 +39,17 @@ PACKED_MAX_ROWS = 256
 
 
 @functools.cache
-def _mkldnn_linear_available() -> bool:
+def _mkldnn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's prepacked linear exists and runs ``dtype`` on this CPU (bf16/fp16 need AVX-512 or
+    AVX-NE-CONVERT: oneDNN refuses to reorder half-precision weights without them)."""
     try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        return dtype == torch.float32
     except Exception:  # pragma: no cover - builds without oneDNN
         return False
 
@@ -42,6 +57,34 @@ def _mkldnn_linear_available() -> bool:
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` reordered once into oneDNN's blocked layout (an opaque tensor for :func:`linear`)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _linear_fake(x, weight, bias=None):
+    """Fake (meta) implementation of ``bert_fast::linear``."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_cpu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Callable[[], torch.Tensor] | None
+) -> torch.Tensor:
+    if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and _mkldnn_linear_available(x.dtype):
+        return torch.ops.mkldnn._linear_pointwise(x, packed(), bias, "none", [], "")
+    return torch.ops.bert_fast.linear(x, weight, bias)
+
+
+@functools.cache
+def _cuda_linear_registered() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bert_fast::linear", "CUDA")
+
+
+def _linear_cpp_cuda(x, weight, bias, packed):
+    if _cuda_linear_registered():
+        return torch.ops.bert_fast.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _linear_torch(x, weight, bias, packed=None):
+    return F.linear(x, weight, bias)
 
 
 def linear(
@@ -54,14 +97,21 @@ def linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias``. ``packed``: returns :func:`prepack_weight` of ``weight`` (cached by
     the caller); called only when the small-batch prepacked path is taken."""
-    cpp_reason = None if x.device.type == "cpu" else "the cpp linear is CPU-only (cuBLAS serves the GPU)"
-    be = _backend.resolve("linear", x.device, backend, supports={"cpp": cpp_reason})
-    if be == "cpp" and not _backend.needs_grad(x, weight, bias):
-        rows = x.numel() // max(1, x.shape[-1])
-        if packed is not None and x.dim() == 2 and rows <= PACKED_MAX_ROWS and _mkldnn_linear_available():
-            return torch.ops.mkldnn._linear_pointwise(x, packed(), bias, "none", [], "")
-        from . import _cpp
+    if x.shape[-1] != weight.shape[-1] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(
+            f"linear: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+            f"{None if bias is None else tuple(bias.shape)} do not match (x: (..., K), weight: (N, K), bias: (N,))"
+        )
+    return OP(backend, x, weight, bias, packed)
 
-        return _cpp.linear(x, weight, bias)
-    # torch, triton (whose GEMMs are cuBLAS's), and anything under autograd
-    return linear_ref(x, weight, bias)
+
+_dispatch.register_cpp_fake("linear", _linear_fake)
+
+OP = _dispatch.Op(
+    "linear",
+    _linear_torch,
+    {"triton": _linear_torch, "cpp": {"cpu": _linear_cpu, "cuda": _linear_cpp_cuda}},
+    supports={"cpp": _dispatch.fused_dtypes},
+    grad_args=(0, 1, 2),
+    grad="ref",
+)

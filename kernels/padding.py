@@ -8,9 +8,11 @@
 
 A row that is entirely padding simply contributes no tokens (length 0 in ``cu_seqlens``).
 
-Backends: ``torch`` (the ``_ref`` functions, differentiable), ``cpp``. There is no Triton
-version: on the GPU these are one ``nonzero`` and two indexed copies, already memory-bound in
-PyTorch's own kernels.
+Backends: ``torch`` (the ``_ref`` functions, differentiable), ``cpp`` (CPU, and CUDA when the
+extension is built with CUDA). ``triton`` runs the ``_ref`` functions, declared as its
+implementation: there is no Triton kernel by design, since on the GPU these are one ``nonzero`` and
+two indexed copies, already memory-bound in PyTorch's own kernels. Under autograd, gathers and
+scatters run the (differentiable) reference on every backend.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _dispatch
 
 
 def unpad_mask_ref(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -42,39 +44,73 @@ def scatter_rows_ref(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> t
     return out.index_copy(0, indices, x)
 
 
-_NO_TRITON = {"triton": "no Triton kernel for this op (PyTorch's indexing kernels are used on the GPU)"}
+def _fake_unpad_mask(mask):
+    """Fake (meta) implementation of ``bert_fast::unpad_mask``."""
+    # the number of tokens depends on the mask's values: a data-dependent size
+    tokens = torch.library.get_ctx().new_dynamic_size()
+    indices = mask.new_empty((tokens,), dtype=torch.int64)
+    cu_seqlens = mask.new_empty((mask.shape[0] + 1,), dtype=torch.int32)
+    max_seqlen = mask.new_empty((), dtype=torch.int32)
+    return indices, cu_seqlens, max_seqlen
 
 
-def _pick(op: str, device: torch.device, backend: str | None) -> str:
-    if _backend.requested_backend(backend) == "triton":
-        # No Triton kernel by design: with the triton backend (which must still be usable on this
-        # device, else this raises) the torch indexing ops are the fast path.
-        _backend.resolve(op, device, "triton")
-        return "torch"
-    return _backend.resolve(op, device, backend, supports=_NO_TRITON)
+def _fake_gather_rows(x, indices):
+    """Fake (meta) implementation of ``bert_fast::gather_rows``."""
+    return x.new_empty((indices.shape[0], *x.shape[1:]))
+
+
+def _fake_scatter_rows(x, indices, num_rows):
+    """Fake (meta) implementation of ``bert_fast::scatter_rows``."""
+    return x.new_empty((num_rows, *x.shape[1:]))
+
+
+def _unpad_mask_cpp(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    indices, cu_seqlens, max_seqlen = torch.ops.bert_fast.unpad_mask(mask)
+    return indices, cu_seqlens, int(max_seqlen.item())
+
+
+def _gather_rows_cpp(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return torch.ops.bert_fast.gather_rows(x, indices)
+
+
+def _scatter_rows_cpp(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return torch.ops.bert_fast.scatter_rows(x, indices, num_rows)
 
 
 def unpad_mask(mask: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     if mask.dim() != 2:
         raise ValueError(f"unpad_mask: expected a (batch, seq_len) mask, got shape {tuple(mask.shape)}")
-    if _pick("unpad_mask", mask.device, backend) == "cpp":
-        from . import _cpp
-
-        return _cpp.unpad_mask(mask)
-    return unpad_mask_ref(mask)
+    return UNPAD_MASK(backend, mask)
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    if _pick("gather_rows", x.device, backend) == "cpp" and not _backend.needs_grad(x):
-        from . import _cpp
-
-        return _cpp.gather_rows(x, indices)
-    return gather_rows_ref(x, indices)
+    if indices.dim() != 1 or indices.is_floating_point():
+        raise ValueError(f"gather_rows: indices must be 1-D integer row numbers, got {tuple(indices.shape)}")
+    return GATHER_ROWS(backend, x, indices)
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int, *, backend: str | None = None) -> torch.Tensor:
-    if _pick("scatter_rows", x.device, backend) == "cpp" and not _backend.needs_grad(x):
-        from . import _cpp
+    if indices.dim() != 1 or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"scatter_rows: indices must be 1-D with one row number per row of x ({x.shape[0]}), got "
+            f"{tuple(indices.shape)}"
+        )
+    return SCATTER_ROWS(backend, x, indices, int(num_rows))
 
-        return _cpp.scatter_rows(x, indices, num_rows)
-    return scatter_rows_ref(x, indices, num_rows)
+
+for _name, _fake in (("unpad_mask", _fake_unpad_mask), ("gather_rows", _fake_gather_rows),
+                     ("scatter_rows", _fake_scatter_rows)):
+    _dispatch.register_cpp_fake(_name, _fake)
+
+# ``auto`` never picks ``triton`` here (its entry is the reference): the extension's kernels first.
+UNPAD_MASK = _dispatch.Op(
+    "unpad_mask", unpad_mask_ref, {"triton": unpad_mask_ref, "cpp": _unpad_mask_cpp}, grad="ref", auto_order=("cpp",)
+)
+GATHER_ROWS = _dispatch.Op(
+    "gather_rows", gather_rows_ref, {"triton": gather_rows_ref, "cpp": _gather_rows_cpp}, grad="ref",
+    auto_order=("cpp",),
+)
+SCATTER_ROWS = _dispatch.Op(
+    "scatter_rows", scatter_rows_ref, {"triton": scatter_rows_ref, "cpp": _scatter_rows_cpp}, grad="ref",
+    auto_order=("cpp",),
+)

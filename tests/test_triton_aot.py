@@ -10,10 +10,10 @@ Spills: Triton fills ``n_spills`` only when a kernel is loaded on a device, so t
 resource usage is read with the ``cuobjdump`` Triton ships (``--dump-resource-usage``); a spill
 shows up as a non-zero stack frame / local memory (our kernels have no local arrays).
 
-Scope, to stay within a few minutes on two cores: kernels with optional inputs are compiled with
-every optional input present (the superset: most live registers); ``bias_act`` compiles every
-config and dtype with exact GELU (the heaviest activation) and the two other activations with every
-dtype on one config. The compile runs in subprocesses without ``TRITON_INTERPRET`` (the
+Scope: each op module lists the specializations its launcher can choose (``aot_specs()``): every
+autotune config with the heaviest variant (every optional input present), and each optional-input
+variant and activation on one config per block; attention at head_dim 26, 32, 40, 64, 80 and 128.
+The compile runs in subprocesses without ``TRITON_INTERPRET`` (the
 interpreter replaces ``@triton.jit`` functions), sharded over the available cores.
 
 Run directly (``python tests/test_triton_aot.py``) to print the resource table.
@@ -32,80 +32,29 @@ import pytest
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
-ROW_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # hidden 37..4096
-HEAD_DIM_BUCKETS = (32, 64, 128)
-#: A representative head_dim per bucket (the non-power-of-two ones exercise the masks).
-HEAD_DIM_OF_BUCKET = {32: 26, 64: 40, 128: 80}
-TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+#: Per-block shared memory a kernel may use (the opt-in maximum): A100 163 KiB, H100 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+#: The id dtype of the embedding kernels' index arguments (HF tokenizers give int64).
+ID_TYPE = "i64"
 
 
 # ----------------------------------------------------------------------------- worker side
 def _jobs():
-    """(label, kernel, signature, constexprs, num_warps, num_stages) for every shipped config."""
-    import torch
-    from bert_fast.kernels import _triton_utils as tu
+    """(label, kernel, signature, constexprs, num_warps, num_stages, divisible) for every shipped config.
+
+    Each op module lists its own specializations (``aot_specs()``); this expands them per dtype.
+    """
     from bert_fast.kernels import activation, attention, embeddings, layer_norm
 
     jobs = []
-    for dt in DTYPES:
-        for block in ROW_BLOCKS:
-            for cfg in tu.row_configs(block):
-                ln_sig = {
-                    "X": f"*{dt}", "Residual": f"*{dt}", "LinearBias": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
-                    "Y": f"*{dt}", "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32",
-                    "n_cols": "i32", "eps": "fp32",
-                }  # fmt: skip
-                ln_const = {"HAS_LINEAR_BIAS": True, "HAS_RESIDUAL": True, "BLOCK_H": block}
+    for module in (layer_norm, embeddings, activation, attention):
+        for spec in module.aot_specs():
+            for dt in spec.get("dtypes", DTYPES):
+                sig = {name: ty.format(dt=dt, it=ID_TYPE) for name, ty in spec["signature"].items()}
                 jobs.append(
-                    (f"layer_norm {dt} BLOCK_H={block} w={cfg.num_warps}",
-                     layer_norm._bias_residual_layer_norm_fwd_kernel, ln_sig, ln_const, cfg.num_warps, cfg.num_stages)
+                    (f"{spec['label']} {dt}", spec["kernel"], sig, spec["constexprs"], spec["num_warps"],
+                     spec["num_stages"], spec.get("divisible", True))
                 )  # fmt: skip
-                emb_sig = {
-                    "InputIds": "*i64", "InputsEmbeds": f"*{dt}", "PositionIds": "*i64", "TokenTypeIds": "*i64",
-                    "WordEmb": f"*{dt}", "PosEmb": f"*{dt}", "TypeEmb": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
-                    "Y": f"*{dt}", "stride_inputs_embeds_row": "i32", "stride_word_row": "i32",
-                    "stride_pos_row": "i32", "stride_type_row": "i32", "stride_y_row": "i32", "n_cols": "i32",
-                    "eps": "fp32",
-                }  # fmt: skip
-                # input_ids path with token types: the gathers (inputs_embeds is a plain row read).
-                emb_const = {"HAS_INPUTS_EMBEDS": False, "HAS_TOKEN_TYPES": True, "BLOCK_H": block}
-                jobs.append(
-                    (f"embed_layer_norm {dt} BLOCK_H={block} w={cfg.num_warps}",
-                     embeddings._embed_layer_norm_fwd_kernel, emb_sig, emb_const, cfg.num_warps, cfg.num_stages)
-                )  # fmt: skip
-        act_sig = {
-            "X": f"*{dt}", "Bias": f"*{dt}", "Y": f"*{dt}", "stride_x_row": "i32", "stride_y_row": "i32",
-            "n_rows": "i32", "n_cols": "i32",
-        }  # fmt: skip
-        for i, cfg in enumerate(activation._bias_act_configs()):
-            for act, code in activation._ACT_CODES.items():
-                if act != "gelu" and i > 0:
-                    continue
-                const = {"HAS_BIAS": True, "ACTIVATION": code, **cfg.kwargs}
-                jobs.append(
-                    (f"bias_act {dt} {act} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w={cfg.num_warps}",
-                     activation._bias_act_fwd_kernel, act_sig, const, cfg.num_warps, cfg.num_stages)
-                )  # fmt: skip
-        for d_pad in HEAD_DIM_BUCKETS:
-            head_dim = HEAD_DIM_OF_BUCKET[d_pad]
-            assert attention._attention_head_dim_bucket(head_dim) == d_pad
-            fp32 = TORCH_DTYPES[dt] == "float32"
-            att_sig = {
-                "Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": f"*{dt}", "CuSeqlens": "*i32",
-                "stride_q_tok": "i32", "stride_q_head": "i32", "stride_k_tok": "i32", "stride_k_head": "i32",
-                "stride_v_tok": "i32", "stride_v_head": "i32", "stride_o_tok": "i32", "stride_o_head": "i32",
-                "num_heads": "i32", "qk_scale": "fp32", "seqlen_bucket": "i32",
-            }  # fmt: skip
-            for cfg in attention._attention_configs(d_pad, fp32):
-                const = {
-                    "HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32", **cfg.kwargs
-                }  # fmt: skip
-                jobs.append(
-                    (f"varlen_attention {dt} d={head_dim}(pad {d_pad}) {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} "
-                     f"w={cfg.num_warps} s={cfg.num_stages}",
-                     attention._varlen_attention_fwd_kernel, att_sig, const, cfg.num_warps, cfg.num_stages)
-                )  # fmt: skip
-    del torch
     return jobs
 
 
@@ -137,7 +86,7 @@ def _worker(shard: int, num_shards: int) -> None:
     from triton.compiler import ASTSource
 
     jobs = _jobs()
-    for index, (label, fn, signature, constexprs, num_warps, num_stages) in enumerate(jobs):
+    for index, (label, fn, signature, constexprs, num_warps, num_stages, divisible) in enumerate(jobs):
         if index % num_shards != shard:
             continue
         full_sig = dict(signature)
@@ -147,11 +96,12 @@ def _worker(shard: int, num_shards: int) -> None:
             f"{label}: signature does not cover the kernel's arguments {fn.arg_names}"
         )
         # Divisibility hints as the JIT derives them for BERT shapes: 16-byte aligned pointers and
-        # strides / sizes that are multiples of 16 (hidden 768, 3 * hidden, ...).
+        # strides / sizes that are multiples of 16 (hidden 768, 3 * hidden, ...). ``divisible=False``
+        # specs (hidden % 16 != 0, e.g. 312) keep only the pointer alignment.
         attrs = {
             (fn.arg_names.index(n),): [["tt.divisibility", 16]]
             for n, ty in signature.items()
-            if ty.startswith("*") or n.startswith("stride_") or n == "n_cols"
+            if ty.startswith("*") or (divisible and (n.startswith("stride_") or n == "n_cols"))
         }
         for arch in ARCHS:
             record = {"label": label, "arch": arch}
@@ -230,9 +180,40 @@ def test_aot_compile_every_config_sm80_sm90(tmp_path):
         if r.get("STACK", 0) or r.get("LOCAL", 0) or r["n_spills"]
     ]
     assert not spills, "register spills:\n" + "\n".join(spills)
-    # Shared memory must fit the smaller of the two targets' per-block opt-in limit (A100: 163 KiB).
-    too_big = [f"{r['label']} sm_{r['arch']}: {r['shared']} B" for r in records if r["shared"] > 163 * 1024]
-    assert not too_big, "shared memory over 163 KiB:\n" + "\n".join(too_big)
+    # Shared memory must fit each target's per-block opt-in limit.
+    too_big = [
+        f"{r['label']} sm_{r['arch']}: {r['shared']} B > {SHARED_LIMIT[r['arch']]} B"
+        for r in records
+        if r["shared"] > SHARED_LIMIT[r["arch"]]
+    ]
+    assert not too_big, "shared memory over the per-block limit:\n" + "\n".join(too_big)
+
+
+def test_aot_specs_cover_the_launched_specializations():
+    """The specs name BERT's head dims and every optional-input variant of each kernel."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    code = (
+        "import json\n"
+        "from bert_fast.kernels import activation, attention, embeddings, layer_norm\n"
+        "print(json.dumps({m.__name__.rsplit('.', 1)[1]: [dict(s['constexprs'], divisible=s.get('divisible', True))\n"
+        "    for s in m.aot_specs()] for m in (activation, attention, embeddings, layer_norm)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    specs = json.loads(out.strip().splitlines()[-1])
+    assert {32, 64, 128} <= {c["HEAD_DIM"] for c in specs["attention"]}
+    assert {(c["HAS_LINEAR_BIAS"], c["HAS_RESIDUAL"]) for c in specs["layer_norm"]} == {
+        (True, True), (True, False), (False, True), (False, False)
+    }
+    assert {(c["HAS_INPUTS_EMBEDS"], c["HAS_TOKEN_TYPES"]) for c in specs["embeddings"]} == {
+        (True, True), (True, False), (False, True), (False, False)
+    }
+    assert {(c["ACTIVATION"], c["HAS_BIAS"]) for c in specs["activation"]} == {
+        (a, b) for a in range(3) for b in (True, False)
+    }
+    assert {512, 1024} <= {c["BLOCK_H"] for c in specs["layer_norm"]}
+    # hidden % 16 != 0 (TinyBERT's 312): the row kernels without the divisibility hints
+    assert any(not c["divisible"] for c in specs["layer_norm"]) and any(not c["divisible"] for c in specs["embeddings"])
 
 
 def _jobs_count():

@@ -1,0 +1,122 @@
+"""``optimize`` / ``revert``: switch one model instance to bert_fast's forward and back.
+
+Only the instance's ``BertModel`` changes class (to a subclass of its own with bert_fast's forward);
+parameters are shared, never copied. An explicit backend is checked here, once, for the model's
+device and dtype: one that cannot serve an op of the model raises
+:class:`~bert_fast.BackendUnavailableError` naming the op and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+
+from . import _plan
+from ._inputs import check_config
+from .kernels._backend import _check_name
+
+__all__ = ["optimize", "revert", "is_optimized", "_check_name"]
+
+_fast_classes: dict[type, type] = {}
+
+
+def _fast_class_for(cls: type) -> type:
+    from .modeling import BertModel, _FastBertMixin
+
+    if issubclass(cls, _FastBertMixin):
+        return cls
+    if cls is transformers.BertModel:
+        return BertModel
+    fast = _fast_classes.get(cls)
+    if fast is None:
+        fast = type(cls.__name__, (_FastBertMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        _fast_classes[cls] = fast
+    return fast
+
+
+def _find_bert(model: Any) -> transformers.BertModel:
+    """The ``BertModel`` inside ``model`` (itself, a task model's ``.bert``, or a SentenceTransformer's)."""
+    if isinstance(model, transformers.BertModel):
+        return model
+    if isinstance(model, transformers.BertPreTrainedModel) and isinstance(
+        getattr(model, "bert", None), transformers.BertModel
+    ):
+        return model.bert
+    try:  # sentence-transformers: the first module holding a transformers model
+        from sentence_transformers import SentenceTransformer
+    except Exception:  # pragma: no cover - optional dependency
+        SentenceTransformer = None  # noqa: N806
+    if SentenceTransformer is not None and isinstance(model, SentenceTransformer):
+        for module in model.children():
+            inner = getattr(module, "auto_model", None) or getattr(module, "model", None)
+            if inner is not None:
+                try:
+                    return _find_bert(inner)
+                except TypeError:
+                    break
+        raise TypeError("bert_fast.optimize: this SentenceTransformer's first module does not wrap a BERT model")
+    raise TypeError(
+        f"bert_fast.optimize expects a transformers Bert* model or a SentenceTransformer wrapping one; "
+        f"got {type(model).__name__}"
+    )
+
+
+def optimize(model: Any, backend: str | None = None) -> Any:
+    """Upgrade ``model`` in place to bert_fast's padding-free fused forward; returns ``model``.
+
+    ``model``: a ``transformers.BertModel``, any transformers ``BertFor*`` task model, or a
+    ``SentenceTransformer`` wrapping one. Parameters are shared, not copied; only this instance
+    changes (its ``BertModel``'s class is switched to bert_fast's subclass). ``backend``:
+    ``"auto"`` (default), ``"triton"``, ``"cpp"`` or ``"torch"``; ``None`` follows
+    :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``.
+    """
+    from .modeling import _FastBertMixin
+
+    if backend is not None:
+        _check_name(backend)
+    bert = _find_bert(model)
+    check_config(bert.config)
+    check_backend(bert, backend)
+    if not isinstance(bert, _FastBertMixin):
+        bert.__dict__["_bert_fast_orig_class"] = type(bert)
+        bert.__class__ = _fast_class_for(type(bert))
+    bert.__dict__["_bert_fast_backend"] = backend
+    _plan.clear(bert)
+    return model
+
+
+def check_backend(bert: transformers.BertModel, backend: str | None) -> None:
+    """Raise :class:`~bert_fast.BackendUnavailableError` now if an explicit ``backend`` cannot serve
+    ``bert`` on its current device and dtype (eval, no grad: the serving configuration)."""
+    want = _plan._backend.requested_backend(backend)
+    if want in ("auto", "torch"):
+        return
+    param = bert.embeddings.word_embeddings.weight
+    if param.device.type == "meta":
+        return
+    _plan.build_plan(bert, param.device, param.dtype, False, False, want)
+
+
+def revert(model: Any) -> Any:
+    """Undo :func:`optimize`: ``model`` runs transformers' own forward again; returns ``model``."""
+    from .modeling import _FastBertMixin
+
+    bert = _find_bert(model)
+    orig = bert.__dict__.pop("_bert_fast_orig_class", None)
+    if orig is None and isinstance(bert, _FastBertMixin):
+        # A bert_fast drop-in class: fall back to its transformers base.
+        orig = next(
+            c for c in type(bert).__mro__ if issubclass(c, transformers.BertModel) and not issubclass(c, _FastBertMixin)
+        )
+    if orig is not None:
+        bert.__class__ = orig
+    bert.__dict__.pop("_bert_fast_backend", None)
+    _plan.clear(bert)
+    return model
+
+
+def is_optimized(model: Any) -> bool:
+    from .modeling import _FastBertMixin
+
+    return isinstance(_find_bert(model), _FastBertMixin)

@@ -1,0 +1,170 @@
+"""Per-forward plan and derived caches of an optimized model.
+
+**Plan.** Which implementation runs each fused op depends on the device, the dtype, whether
+autograd may record, train/eval (attention dropout) and the requested backend — not on the call.
+:func:`plan_for` resolves every op once per such key (:class:`Plan`: one callable per op) and
+caches it; the layer loop calls the plan's callables directly, with no backend resolution and no
+argument validation per op (the model validated its inputs at the boundary). An explicitly
+requested backend that cannot serve one of the model's ops raises
+:class:`~bert_fast.BackendUnavailableError` while the plan is built — at :func:`bert_fast.optimize`
+or construction for the model's device and dtype, or at the first forward after the model moved —
+naming the op and the reason.
+
+**Derived caches** (the fused QKV weight, oneDNN-prepacked weights, plans) live in a side table
+keyed weakly by the module, never in the module's ``__dict__``: ``copy.deepcopy``, pickling,
+``torch.save`` and ``state_dict`` never see them, and a copy builds its own on first use. Entries
+are keyed by the identity and version of the tensors they derive from (a new Parameter, ``.to()``
+or an in-place update rebuilds them). Building is serialized by one lock, so threads racing on
+first use build an entry once; lookups take no lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import kernels as K
+from .kernels import _backend
+from .kernels.activation import OP as BIAS_ACT
+from .kernels.attention import OP as ATTENTION
+from .kernels.embeddings import OP as EMBED
+from .kernels.layer_norm import OP as LAYER_NORM
+from .kernels.linear import OP as LINEAR
+from .kernels.padding import GATHER_ROWS, SCATTER_ROWS, UNPAD_MASK
+
+_tables: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+_lock = threading.RLock()
+
+
+def _table(owner: torch.nn.Module) -> dict[str, Any]:
+    table = _tables.get(owner)
+    if table is None:
+        with _lock:
+            table = _tables.get(owner)
+            if table is None:
+                table = _tables[owner] = {}
+    return table
+
+
+def clear(owner: torch.nn.Module) -> None:
+    """Drop every derived cache of ``owner`` and its submodules."""
+    with _lock:
+        for module in owner.modules():
+            _tables.pop(module, None)
+
+
+def _version_key(tensors) -> tuple:
+    # Inference tensors (made under torch.inference_mode) carry no version counter; their storage
+    # identity is the key then.
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+
+
+def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]) -> Any:
+    """``build()``, cached for ``owner`` until any of ``tensors`` changes (storage or in-place version).
+
+    The entry keeps aliases of ``tensors`` alive: their storages cannot be freed and their addresses
+    reused by a new tensor (``.to()`` there and back, a new Parameter) while the key names them.
+    """
+    table = _table(owner)
+    key = _version_key(tensors)
+    cached = table.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with _lock:
+        cached = table.get(name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, build(), tuple(t.detach() for t in tensors))
+            table[name] = cached
+    return cached[1]
+
+
+def fused_qkv(self_attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3 H, H) QKV weight and (3 H,) bias; concatenated afresh under autograd."""
+    q, k, v = self_attn.query, self_attn.key, self_attn.value
+    tensors = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.cat(tensors[:3]), torch.cat(tensors[3:])
+    return derived(self_attn, "qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
+
+
+def packer(owner: torch.nn.Module, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A callable giving ``weight`` prepacked for oneDNN, built on its first call and cached for ``owner``."""
+    return lambda: derived(owner, "packed", (weight,), lambda: K.prepack_weight(weight))
+
+
+class Plan:
+    """The callable of every fused op for one (device, dtype, grad, training, backend) key."""
+
+    __slots__ = (
+        "embed", "linear", "attention", "layer_norm", "bias_act", "unpad_mask", "gather_rows", "scatter_rows",
+        "backends",
+    )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"Plan({self.backends})"
+
+
+def build_plan(model, device: torch.device, dtype: torch.dtype, grad: bool, training: bool, requested: str) -> Plan:
+    """Resolve every op of ``model``'s forward once (raises for an explicit backend that cannot serve)."""
+    config = model.config
+    emb = model.embeddings
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = hidden // heads
+    # Representative arguments: the model's own parameters and empty activations of the right
+    # dtype, device, trailing shape and strides. The support checks read only those.
+    x = torch.empty((0, hidden), device=device, dtype=dtype)
+    inter = torch.empty((0, config.intermediate_size), device=device, dtype=dtype)
+    ids = torch.empty((0,), device=device, dtype=torch.long)
+    q, k, v = torch.empty((0, 3 * hidden), device=device, dtype=dtype).view(0, 3, heads, head_dim).unbind(1)
+    layer = model.encoder.layer[0] if len(model.encoder.layer) else None
+    ln = emb.LayerNorm
+    dropout = config.attention_probs_dropout_prob if training else 0.0
+    cu = torch.zeros((2,), device=device, dtype=torch.int32)
+    mask = torch.empty((1, 0), device=device, dtype=torch.bool)
+    w = layer.intermediate.dense.weight if layer is not None else torch.empty((0, hidden), device=device, dtype=dtype)
+    calls = {
+        "embed": (EMBED, (ids, ids, ids, emb.word_embeddings.weight, emb.position_embeddings.weight,
+                          emb.token_type_embeddings.weight, ln.weight, ln.bias, ln.eps, None)),
+        "linear": (LINEAR, (x, w, None, None)),
+        "attention": (ATTENTION, (q, k, v, cu, config.max_position_embeddings, 1.0, dropout)),
+        "layer_norm": (LAYER_NORM, (x, ln.weight, ln.bias, ln.eps, ln.bias, x)),
+        "bias_act": (BIAS_ACT, (inter, None, "gelu")),
+        "unpad_mask": (UNPAD_MASK, (mask,)),
+        "gather_rows": (GATHER_ROWS, (x, ids)),
+        "scatter_rows": (SCATTER_ROWS, (x, ids, 0)),
+    }  # fmt: skip
+    plan = Plan()
+    backends = {}
+    for slot, (op, args) in calls.items():
+        be = op.resolve(device, requested, args)
+        backends[op.name] = be
+        setattr(plan, slot, op.select(be, device, grad))
+    plan.backends = backends
+    return plan
+
+
+def requested_backend(model) -> str:
+    """The backend ``model`` asks for: its own (``optimize(backend=)``), else the context / environment."""
+    return _backend.requested_backend(model.__dict__.get("_bert_fast_backend"))
+
+
+def plan_for(model, dtype: torch.dtype | None = None) -> Plan:
+    """The cached plan of ``model`` for its current device, dtype, grad mode, train/eval and backend."""
+    param = model.embeddings.word_embeddings.weight
+    device = param.device
+    dtype = param.dtype if dtype is None else dtype
+    grad = torch.is_grad_enabled()
+    key = (device, dtype, grad, model.training, requested_backend(model))
+    table = _table(model)
+    plans = table.get("plans")
+    plan = plans.get(key) if plans is not None else None
+    if plan is None:
+        plan = build_plan(model, device, dtype, grad, model.training, key[-1])
+        with _lock:
+            table.setdefault("plans", {})[key] = plan
+    return plan
