@@ -4,7 +4,7 @@ CPU tier: odd and BERT hidden sizes, every combination of the optional inputs, s
 fp32 parameters with half activations, constant rows at eps=1e-12, fp16 rows of |x| ~ 1e4 (fp32
 statistics), determinism, gradients (reference backward), opcheck, the C++ errors. gpu tier:
 BERT-base/large shapes in fp32/fp16/bf16 (``gpu_quick``: BERT-base, one variant per dtype).
-Property-based fuzzing at the end (``test_fuzz_*``). Outputs are NaN-poisoned throughout.
+Property-based fuzzing at the end (``test_fuzz``). Outputs are NaN-poisoned throughout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 from _check import (
     BERT_SHAPES,
+    DEVICE,
     DTYPES,
     HALF,
     backend_skip_reason,
@@ -70,8 +71,8 @@ def _inputs(shape, dtype, device, with_lb, with_res, scale=2.0, shift=0.5):
     "with_lb,with_res,eps", [(False, False, 1e-5), (True, False, 1e-12), (False, True, 1e-5), (True, True, 1e-12)]
 )
 def test_matches_reference(backend, device, dtype, hidden, with_lb, with_res, eps):
-    # leading dims are flattened; the C++ kernel splits 33 rows over threads, the reference and the
-    # interpreter (one program per row) get 9
+    # leading dims are flattened; the C++ kernel splits 33 rows over threads, the interpreter (one
+    # program per row) gets 9
     rows = (3, 11) if backend == "cpp" else (3, 3)
     x, w, b, lb, res = _inputs((*rows, hidden), dtype, device, with_lb, with_res)
     ours = _run(backend, x, w, b, eps, lb, res)
@@ -155,8 +156,6 @@ def test_triton_unsupported_raises_auto_falls_back():
     reason = backend_skip_reason("triton")
     if reason is not None:
         pytest.skip(reason)
-    from _check import DEVICE
-
     x = torch.randn(2, 5000, device=DEVICE)  # hidden > 4096
     w, b = torch.ones(5000, device=DEVICE), torch.zeros(5000, device=DEVICE)
     with pytest.raises(K.BackendUnavailableError, match="hidden size 5000"):
