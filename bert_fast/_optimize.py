@@ -62,15 +62,18 @@ def _find_bert(model: Any) -> transformers.BertModel:
     )
 
 
-def optimize(model: Any, backend: str | None = None) -> Any:
+def optimize(model: Any, backend: str | None = None, cuda_graphs: bool = False) -> Any:
     """Upgrade ``model`` in place to bert_fast's padding-free fused forward; returns ``model``.
 
     ``model``: a ``transformers.BertModel``, any transformers ``BertFor*`` task model, or a
     ``SentenceTransformer`` wrapping one. Parameters are shared, not copied; only this instance
     changes (its ``BertModel``'s class is switched to bert_fast's subclass). ``backend``:
     ``"auto"`` (default), ``"triton"``, ``"cpp"`` or ``"torch"``; ``None`` follows
-    :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``.
+    :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``. ``cuda_graphs``: replay the encoder
+    from captured CUDA graphs in eval, no-grad CUDA forwards (:mod:`bert_fast.cuda_graphs`; a
+    no-op on CPU); like ``backend``, each call sets it (``False`` switches graphs off).
     """
+    from . import cuda_graphs as _cuda_graphs
     from .modeling import _FastBertMixin
 
     if backend is not None:
@@ -82,6 +85,7 @@ def optimize(model: Any, backend: str | None = None) -> Any:
         bert.__dict__["_bert_fast_orig_class"] = type(bert)
         bert.__class__ = _fast_class_for(type(bert))
     bert.__dict__["_bert_fast_backend"] = backend
+    _cuda_graphs.set_option(bert, cuda_graphs)
     _plan.clear(bert)
     return model
 
@@ -112,6 +116,7 @@ def revert(model: Any) -> Any:
     if orig is not None:
         bert.__class__ = orig
     bert.__dict__.pop("_bert_fast_backend", None)
+    bert.__dict__.pop("_bert_fast_cuda_graphs", None)
     _plan.clear(bert)
     return model
 

@@ -42,8 +42,8 @@ model moves to CUDA). ``enable(model, emulate=True)`` runs the bucketed eager pa
 on any device (checks the padding logic on CPU; a debugging aid, never faster).
 
 Weights: graphs read parameters by address. Moving or casting the model (a new storage for the
-parameters) and in-place updates seen by version counters of sentinel parameters (the word
-embeddings, every layer's query weight) drop all graphs. After changing other weights in place,
+parameters) and in-place updates seen by version counters of :data:`SENTINELS` parameters spread over
+the model drop all graphs. After changing other weights in place,
 call :func:`reset` (``load_state_dict`` and optimizer steps update the sentinels too).
 """
 
@@ -239,6 +239,7 @@ class GraphCache:
         self._pool: Any = None
         self._stream: Any = None
         self._signature: tuple | None = None
+        self.sentinels: list[torch.Tensor] | None = None
         self.captures = 0
         self.evictions = 0
         self.replays = 0
@@ -423,7 +424,8 @@ def _drop_cache(bert) -> None:
     from . import _plan
 
     with _plan._lock:
-        cache = _plan._table(bert).pop(_TABLE_KEY, None)
+        table = _plan._tables.get(bert)
+        cache = table.pop(_TABLE_KEY, None) if table is not None else None
     if cache is not None:
         cache.clear()
 
@@ -442,11 +444,18 @@ def _cache(bert, create: bool = True) -> GraphCache | None:
     return cache
 
 
-def _signature(bert, plan) -> tuple:
+#: Parameters whose storage and version the graphs check on every call (spread over the model).
+SENTINELS = 16
+
+
+def _signature(bert, plan, cache: GraphCache) -> tuple:
     """What the graphs depend on besides the bucket: the plan, and the storage and version of
     sentinel parameters (a move, a cast or an in-place update of them changes it)."""
-    sentinels = [bert.embeddings.word_embeddings.weight]
-    sentinels += [layer.attention.self.query.weight for layer in bert.encoder.layer]
+    sentinels = cache.sentinels
+    if sentinels is None:  # chosen once per cache: evenly spaced over the parameters, first and last included
+        params = list(bert.parameters())
+        step = max(1, -(-len(params) // SENTINELS))
+        sentinels = cache.sentinels = params[::step] + params[-1:]
     return (plan,) + tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sentinels)
 
 
@@ -487,7 +496,7 @@ def encode_packed(
     cache = serving_cache(bert, position_ids.device, position_ids.shape[0], output_hidden_states)
     if cache is None:
         return None
-    cache.check_signature(_signature(bert, plan))
+    cache.check_signature(_signature(bert, plan, cache))
     return cache.run(encode, input_ids, position_ids, token_type_ids, inputs_embeds, cu_seqlens, max_seqlen)
 
 

@@ -48,6 +48,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from . import _plan
+from . import cuda_graphs as _cuda_graphs
 from ._inputs import PACKED_KWARGS, check_config, is_packed_by_position_ids, validate_packed, validate_padded
 from ._optimize import _check_name, check_backend, is_optimized, optimize, revert
 
@@ -146,6 +147,29 @@ def _embed(plan, emb, input_ids, position_ids, token_type_ids, inputs_embeds):
     )
 
 
+def _embed_encode(
+    model, plan, act: str, ids, pos, types, embeds, cu_seqlens, max_seqlen: int, unpack, output_hidden_states: bool
+):
+    """Embeddings + LayerNorm and the layers on packed tokens; returns (last, all or None).
+
+    Replayed from a captured CUDA graph when :mod:`bert_fast.cuda_graphs` serves the call.
+    """
+    emb = model.embeddings
+    if _cuda_graphs.OPTION in model.__dict__:
+
+        def encode(ids, pos, types, embeds, cu_seqlens, max_seqlen):
+            x = _embed(plan, emb, ids, pos, types, embeds)
+            return _encode(model, plan, act, x, cu_seqlens, max_seqlen, lambda t: t, False)[0]
+
+        x = _cuda_graphs.encode_packed(
+            model, plan, encode, ids, pos, types, embeds, cu_seqlens, max_seqlen, output_hidden_states
+        )
+        if x is not None:
+            return unpack(x), None
+    x = _embed(plan, emb, ids, pos, types, embeds)
+    return _encode(model, plan, act, x, cu_seqlens, max_seqlen, unpack, output_hidden_states)
+
+
 def _packed_forward(
     model,
     input_ids,
@@ -184,14 +208,15 @@ def _packed_forward(
         flat = t.reshape(batch * seq_len, *t.shape[2:])
         return flat if indices is None else plan.gather_rows(flat, indices)
 
-    x = _embed(plan, emb, pack(input_ids), pack(position_ids), pack(token_type_ids), pack(inputs_embeds))
-
     def unpack(t: torch.Tensor) -> torch.Tensor:
         if indices is not None:
             t = plan.scatter_rows(t, indices, batch * seq_len)
         return t.view(batch, seq_len, -1)
 
-    sequence_output, hidden = _encode(model, plan, act, x, cu_seqlens, max_seqlen, unpack, output_hidden_states)
+    sequence_output, hidden = _embed_encode(
+        model, plan, act, pack(input_ids), pack(position_ids), pack(token_type_ids), pack(inputs_embeds),
+        cu_seqlens, max_seqlen, unpack, output_hidden_states,
+    )  # fmt: skip
     pooled = model.pooler(sequence_output) if model.pooler is not None else None
     return sequence_output, pooled, hidden
 
@@ -224,10 +249,10 @@ def _packed_input_forward(
     def flat(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.reshape(total, *t.shape[2:])
 
-    x = _embed(plan, emb, flat(input_ids), position_ids, flat(token_type_ids), flat(inputs_embeds))
-    sequence_output, hidden = _encode(
-        model, plan, act, x, cu_seqlens, max_seqlen, lambda t: t.view(1, total, -1), output_hidden_states
-    )
+    sequence_output, hidden = _embed_encode(
+        model, plan, act, flat(input_ids), position_ids, flat(token_type_ids), flat(inputs_embeds), cu_seqlens,
+        max_seqlen, lambda t: t.view(1, total, -1), output_hidden_states,
+    )  # fmt: skip
     pooled = None
     if model.pooler is not None:
         starts = cu_seqlens[:-1].long()
@@ -336,32 +361,36 @@ class _FastBertMixin:
 
 
 class _DropIn:
-    """Shared by the drop-in classes: ``backend=`` in the constructor and in ``from_pretrained``."""
+    """Shared by the drop-in classes: ``backend=`` and ``cuda_graphs=`` in the constructor and in
+    ``from_pretrained``."""
 
     @classmethod
-    def from_pretrained(cls, *args, backend: str | None = None, **kwargs):  # type: ignore[override]
+    def from_pretrained(  # type: ignore[override]
+        cls, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs
+    ):
         if backend is not None:
             _check_name(backend)
         model = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
-        optimize(model, backend=backend)
+        optimize(model, backend=backend, cuda_graphs=cuda_graphs)
         return model
 
 
 class BertModel(_FastBertMixin, _DropIn, transformers.BertModel):
     """``transformers.BertModel`` with bert_fast's forward. Same weights, same outputs."""
 
-    def __init__(self, config, *args, backend: str | None = None, **kwargs):
+    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
         check_config(config)
         super().__init__(config, *args, **kwargs)
         self.__dict__["_bert_fast_backend"] = None if backend is None else _check_name(backend)
         check_backend(self, backend)
+        _cuda_graphs.set_option(self, cuda_graphs)
 
 
 def _task_class(base: type) -> type:
-    def __init__(self, config, *args, backend: str | None = None, **kwargs):
+    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
         check_config(config)
         base.__init__(self, config, *args, **kwargs)
-        optimize(self, backend=backend)
+        optimize(self, backend=backend, cuda_graphs=cuda_graphs)
 
     return type(
         base.__name__,
