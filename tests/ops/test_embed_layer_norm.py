@@ -33,11 +33,6 @@ HIDDENS = (37, 312, 384, 768)
 
 pytestmark = pytest.mark.usefixtures("poison")
 
-#: Found by these tests; kept as a strict xfail until the C++ kernel is fixed.
-CPP_CONSTANT_ROW_BUG = (
-    "cpp embed_layer_norm: the mean of a constant row is not exact, so eps=1e-12 turns its rounding error "
-    "into outputs far from the bias; the reference and triton return the bias exactly"
-)
 
 
 def _run(backend, ids, pos, tt, tables, eps, embeds=None):
@@ -91,9 +86,7 @@ def test_matches_reference(backend, device, dtype, hidden, with_types, use_embed
              what=f"{backend} {dtype} H={hidden} types={with_types} embeds={use_embeds}")
 
 
-def test_constant_row_tiny_eps(request, backend, device):
-    if backend == "cpp":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CPP_CONSTANT_ROW_BUG))
+def test_constant_row_tiny_eps(backend, device):
     word, pemb, temb, w, b = _tables(384, torch.float32, device)
     pemb[0] = 0.0
     temb[0] = 0.0
