@@ -37,7 +37,6 @@ EPS = 1e-12
 pytestmark = pytest.mark.usefixtures("poison")
 
 
-
 def _run(backend, x, w, b, eps, lb=None, res=None):
     return K.bias_residual_layer_norm(x, w, b, eps, linear_bias=lb, residual=res, backend=backend)
 

@@ -34,7 +34,6 @@ HIDDENS = (37, 312, 384, 768)
 pytestmark = pytest.mark.usefixtures("poison")
 
 
-
 def _run(backend, ids, pos, tt, tables, eps, embeds=None):
     return K.embed_layer_norm(ids, pos, tt, *tables, eps, inputs_embeds=embeds, backend=backend)
 
