@@ -16,13 +16,14 @@ How a forward runs with ``bert_fast.optimize(model, cuda_graphs=True)`` (CUDA, e
    (the attention grid depends on it); B to the next power of two. The graph's sequence slots are
    ``B_bucket + dummy_slots(N_bucket, L_bucket)``.
 3. The graph of that bucket (captured on first use, least recently used evicted beyond
-   ``max_graphs``) reads static input buffers: the real tokens are copied to the front, the
-   ``N_bucket - N`` padding tokens (id 0, position 0, type 0) form a **dummy tail** split into
-   sequences of at most ``L_bucket`` tokens, and unused slots are empty sequences
-   (:func:`fill_cu_seqlens`: monotone, ends at ``N_bucket``). Every op of the encoder is row-wise
-   except attention, which reads only its own sequence, so the tail never touches a real token:
-   each real sequence's output is bit-identical to the eager forward on the same bucket (and equal
-   to the unbucketed eager forward up to the GEMMs' M-dependent rounding).
+   ``max_graphs``) reads static input buffers: the real tokens are copied to the front, the other
+   ``N_bucket - N`` rows form a **dummy tail** split into sequences of at most ``L_bucket`` tokens,
+   and unused slots are empty sequences (:func:`fill_cu_seqlens`: monotone, ends at ``N_bucket``).
+   Every op of the encoder is row-wise except attention, which reads only its own sequence, so the
+   tail never touches a real token: each real sequence's output is bit-identical to the eager
+   forward on the same bucket (and equal to the unbucketed eager forward up to the GEMMs'
+   M-dependent rounding). The tail is therefore not rewritten per call: it holds zeros or an
+   earlier batch's tokens, always valid ids (so no out-of-range table reads) and finite values.
 4. Replay, then the first N rows of the static output are copied out (still under the cache's
    lock, stream-ordered) before another replay can overwrite them; the model scatters them back
    to (B, L, H) and runs the pooler eagerly.
@@ -184,7 +185,7 @@ Encode = Callable[
 class _Entry:
     """Static buffers (and the graph, once captured) of one bucket."""
 
-    __slots__ = ("bucket", "ids", "pos", "types", "embeds", "cu", "steps", "out", "graph", "failed")
+    __slots__ = ("bucket", "ids", "pos", "types", "embeds", "cu", "steps", "out", "graph", "failed", "types_zero")
 
     def __init__(self, bucket: Bucket, device: torch.device, embeds_like: torch.Tensor | None) -> None:
         n = bucket.tokens
@@ -202,18 +203,20 @@ class _Entry:
         self.out: torch.Tensor | None = None
         self.graph: Any = None
         self.failed = False
+        self.types_zero = True  # self.types holds only zeros
 
     def fill(self, ids, pos, types, embeds, cu_seqlens, n: int) -> None:
-        """Copy one batch into the static buffers; the tail gets id 0, position 0, type 0 (or zero embeddings)."""
-        for static, src in ((self.ids, ids), (self.pos, pos), (self.types, types), (self.embeds, embeds)):
-            if static is None:
-                continue
-            if src is None:  # token_type_ids not given: type 0, as transformers does
-                static.zero_()
-                continue
-            static[:n].copy_(src)
-            if n < static.shape[0]:
-                static[n:].zero_()
+        """Copy one batch to the front of the static buffers (the tail keeps valid earlier values)."""
+        if types is None:  # token_type_ids not given: type 0, as transformers does
+            if not self.types_zero:
+                self.types.zero_()
+                self.types_zero = True
+        else:
+            self.types[:n].copy_(types)
+            self.types_zero = False
+        for static, src in ((self.ids, ids), (self.pos, pos), (self.embeds, embeds)):
+            if static is not None:
+                static[:n].copy_(src)
         fill_cu_seqlens(self.cu, cu_seqlens, n, self.bucket, self.steps)
 
     def encode(self, encode: Encode) -> torch.Tensor:
