@@ -266,17 +266,18 @@ class GraphCache:
         }
 
     def clear(self) -> None:
-        """Drop every graph and static buffer (their memory returns to the shared pool / allocator)."""
+        """Drop every graph, static buffer and the memory pool (the model may be on another device next)."""
         with self._lock:
             self._entries.clear()
             self._signature = None
+            self._stream = self._pool = None
 
     def check_signature(self, signature: tuple) -> None:
         """Drop every graph when ``signature`` (plan, device, dtype, weight storages/versions) changed."""
         if signature != self._signature:
             with self._lock:
                 if signature != self._signature:
-                    self._entries.clear()
+                    self.clear()
                     self._signature = signature
 
     def run(
