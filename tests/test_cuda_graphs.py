@@ -7,6 +7,7 @@ graph would replay) against the ordinary forward. GPU (``gpu`` marker): replay a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -220,6 +221,68 @@ def test_cache_keeps_at_most_max_graphs_least_recently_used_first():
     assert keys[2] in cache.buckets() and keys[3] not in cache.buckets()
     with pytest.raises(ValueError, match="max_graphs"):
         cg.GraphCache(max_graphs=0)
+
+
+class _FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _fake_cuda(monkeypatch, log: list, fail: bool = False) -> None:
+    """Stand-ins for the torch.cuda calls of a capture: record the order of warm-up, capture and replay."""
+
+    class FakeGraph:
+        def replay(self) -> None:
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        assert pool == "pool" and isinstance(stream, _FakeStream)
+        log.append("capture")
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    for name, value in {
+        "CUDAGraph": FakeGraph, "graph": graph, "graph_pool_handle": lambda: "pool",
+        "device": lambda d: contextlib.nullcontext(), "stream": lambda s: contextlib.nullcontext(),
+        "Stream": lambda d=None: _FakeStream(), "current_stream": lambda d=None: _FakeStream(),
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_capture_warms_up_once_then_replays(monkeypatch):
+    log = []
+    _fake_cuda(monkeypatch, log)
+
+    def encode(*args):
+        log.append("encode")
+        return _segment_encode(*args)
+
+    gen = torch.Generator().manual_seed(0)
+    ids, pos, types, cu, max_len = _packed([7, 3, 12], gen)
+    cache = cg.GraphCache(max_graphs=4)
+    got = cache.run(encode, ids, pos, types, None, cu, max_len)
+    # Eager warm-up (autotuning outside capture), capture, then the first replay.
+    assert log == ["encode", "capture", "encode", "replay"]
+    assert torch.equal(got, _segment_encode(ids, pos, types, None, cu, max_len))
+    cache.run(encode, ids, pos, types, None, cu, max_len)
+    assert log[4:] == ["replay"] and cache.stats()["replays"] == 2 and cache.stats()["captures"] == 1
+
+
+def test_failed_capture_warns_and_serves_the_bucket_eagerly(monkeypatch):
+    log = []
+    _fake_cuda(monkeypatch, log, fail=True)
+    cg._warned.clear()
+    gen = torch.Generator().manual_seed(0)
+    ids, pos, types, cu, max_len = _packed([4, 9], gen)
+    cache = cg.GraphCache(max_graphs=4)
+    with pytest.warns(UserWarning, match="capture failed"):
+        got = cache.run(_segment_encode, ids, pos, types, None, cu, max_len)
+    assert torch.equal(got, _segment_encode(ids, pos, types, None, cu, max_len))
+    got = cache.run(_segment_encode, ids, pos, types, None, cu, max_len)  # no second capture attempt
+    assert log == ["capture"] and cache.stats()["eager"] == 2 and cache.stats()["replays"] == 0
+    assert torch.equal(got, _segment_encode(ids, pos, types, None, cu, max_len))
 
 
 def test_warmup_lengths_reach_every_bucket_of_their_shape():
