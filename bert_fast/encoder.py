@@ -419,10 +419,19 @@ class Encoder:
             "cu_seq_lens_k": cu32,
             "max_length_q": max_len,
             "max_length_k": max_len,
+            # the ids come from the tokenizer and the offsets from us: skip the model's host-side checks
+            "validate_inputs": False,
         }
         if items[0][1] is not None:
             types = torch.tensor([t for _, tt in items for t in tt], dtype=torch.int64)
             kwargs["token_type_ids"] = types.unsqueeze(0).to(self.device)
+        from .families import takes_packed_kwargs
+
+        if not takes_packed_kwargs(self.model):
+            # transformers 4.x task models pass no extra keywords on: the restarting position_ids
+            # alone mark the sequences (the model derives the offsets from them).
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+                del kwargs[key]
         out = self.model(**kwargs, return_dict=True)
         return out, cu, lengths
 
