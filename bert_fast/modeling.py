@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 _warned: set[str] = set()
+#: transformers 4.x (its models' tuple outputs differ in one place: see the end of forward)
+_TF4 = int(transformers.__version__.split(".")[0]) < 5
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -407,7 +409,11 @@ class _FastBertMixin:
             )
         else:  # no pooler in this family
             out = fam.output_class()(last_hidden_state=seq, hidden_states=hidden)
-        return out if return_dict else out.to_tuple()
+        if return_dict:
+            return out
+        if pooled is None and _TF4 and fam.output == "BaseModelOutputWithPoolingAndCrossAttentions":
+            return (seq, None) + out.to_tuple()[1:]  # transformers 4.x keeps the missing pooler's None
+        return out.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------
