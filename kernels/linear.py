@@ -70,8 +70,8 @@ def _probe_mkldnn_linear(dtype: torch.dtype) -> tuple[bool, str]:
     # The ISA checks above are oneDNN's; a trial prepack + GEMM catches anything they miss, once.
     try:
         with torch.no_grad():
-            w = torch.ones(8, 16, dtype=dtype)
-            y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), prepack_weight(w), None, "none", [], "")
+            x, w = torch.ones(2, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype)
+            y = torch.ops.mkldnn._linear_pointwise(x, prepack_weight(w), None, "none", [], "")
         if y.shape != (2, 8) or not bool((y.float() == 16).all()):
             return False, "the trial prepacked GEMM returned a wrong result"
     except RuntimeError as exc:
