@@ -21,8 +21,8 @@ VENV_TF4 ?= .venv-tf4
 TF4_SPEC ?= transformers>=4.50,<5
 PY_TF4 := $(VENV_TF4)/bin/python
 STAMP_TF4 := $(VENV_TF4)/.bert_fast-installed
-TF4_TESTS ?= tests/test_families.py tests/test_modeling.py tests/test_packed_input.py tests/test_real_checkpoint.py
-TF4_ARGS ?= -q -k "not torch-" -p no:cacheprovider
+TF4_TESTS ?= tests/test_families.py tests/test_families_st.py tests/test_modeling.py tests/test_real_checkpoint.py
+TF4_ARGS ?= -q -k "not torch" -p no:cacheprovider
 
 .PHONY: setup bench test test-tf4 gpu-check gpu-check-quick lint clean
 

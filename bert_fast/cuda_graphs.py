@@ -606,7 +606,9 @@ def warmup(
                     mask[i, :n] = 1
                 mask = mask.to(param.device)
                 ids = torch.zeros_like(mask)
-                bert(input_ids=ids, attention_mask=mask, token_type_ids=ids)
+                # Token types or not, the graphs read a type buffer (zeros when none is given).
+                types = {"token_type_ids": ids} if hasattr(bert.embeddings, "token_type_embeddings") else {}
+                bert(input_ids=ids, attention_mask=mask, **types)
     finally:
         bert.train(was_training)
     cache = _cache(bert, create=False)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,12 @@ def read_model_dir(path: str | os.PathLike) -> tuple[str, _Config, Any]:
     return model_dir, cfg, hf_config
 
 
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(type(model).forward).parameters
+
+
 class Encoder:
     """Batch encoder over a bert_fast model: token-budget packing, padding-free, input order kept.
 
@@ -419,10 +426,26 @@ class Encoder:
             "cu_seq_lens_k": cu32,
             "max_length_q": max_len,
             "max_length_k": max_len,
+            # the ids come from the tokenizer and the offsets from us: skip the model's host-side checks
+            "validate_inputs": False,
         }
         if items[0][1] is not None:
             types = torch.tensor([t for _, tt in items for t in tt], dtype=torch.int64)
             kwargs["token_type_ids"] = types.unsqueeze(0).to(self.device)
+        from .families import takes_packed_kwargs
+
+        if not takes_packed_kwargs(self.model) and len(items) > 1 and not _takes(self.model, "position_ids"):
+            # transformers 4.x DistilBERT task models take neither packed keywords nor position_ids:
+            # one forward per sequence (only score() reaches here; encode() runs the base model).
+            logits = [self._run_packed([item])[0].logits for item in items]
+            return SimpleNamespace(logits=torch.cat(logits)), cu, lengths
+        if not takes_packed_kwargs(self.model):
+            # transformers 4.x task models pass no extra keywords on: the restarting position_ids
+            # alone mark the sequences (the model derives the offsets from them).
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "validate_inputs"):
+                del kwargs[key]
+            if len(items) == 1:  # no restart to detect: one plain unpadded row, default positions
+                del kwargs["position_ids"]
         out = self.model(**kwargs, return_dict=True)
         return out, cu, lengths
 

@@ -38,7 +38,9 @@ import torch
 import transformers
 from transformers import modeling_outputs
 
-__all__ = ["Family", "LayerParts", "FAMILIES", "family_of", "find_base_model", "supported_model_types"]
+__all__ = [
+    "Family", "LayerParts", "FAMILIES", "family_of", "find_base_model", "supported_model_types", "takes_packed_kwargs",
+]
 
 
 class LayerParts(NamedTuple):
@@ -293,6 +295,16 @@ def find_base_model(model: Any) -> torch.nn.Module | None:
         if inner is not None and family_of(inner) is not None:
             return inner
     return None
+
+
+def takes_packed_kwargs(model: Any) -> bool:
+    """Whether ``model``'s forward passes extra keyword arguments (``cu_seq_lens_q/k``, ...) on to the
+    encoder. transformers 4.x task models take none: packed input reaches them only as
+    ``position_ids`` restarting at 0 in one unmasked row (the offsets are derived from the restarts)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def first_token_head(task_model: Any) -> str | None:

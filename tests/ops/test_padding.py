@@ -21,12 +21,6 @@ OP_BACKENDS = ("torch", "cpp")
 
 pytestmark = pytest.mark.usefixtures("poison")
 
-#: Found by these tests; kept as a strict xfail until the backends agree.
-TORCH_SCATTER_INT32_BUG = (
-    "scatter_rows(backend='torch') raises on int32 indices (index_copy wants int64) while backend='cpp' "
-    "accepts them, and gather_rows takes int32 on both"
-)
-
 
 def _assert_unpad_equal(ours, ref, what=""):
     assert torch.equal(ours[0], ref[0]) and ours[0].dtype == torch.int64, f"{what}: indices"
@@ -72,10 +66,8 @@ def test_gather_scatter_rows(backend, device, dtype, hidden, index_dtype):
     assert (back[~mask.flatten()] == 0).all(), "padded rows must be zeros"
 
 
-def test_scatter_rows_int32_indices(request, backend, device):
+def test_scatter_rows_int32_indices(backend, device):
     """Every backend accepts the index dtypes of every other (gather_rows takes int32 on both)."""
-    if backend == "torch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TORCH_SCATTER_INT32_BUG))
     x, idx = torch.randn(3, 5, device=device), torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
     assert torch.equal(K.scatter_rows(x, idx, 6, backend=backend), K.scatter_rows_ref(x, idx.long(), 6))
 
