@@ -27,84 +27,24 @@ distilbert: :mod:`bert_fast.families`); of sentence-transformers' modules,
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._encoder_config import _activation_from_config, _Config, _resolve_device, _resolve_dtype, read_model_dir
+from ._pooling import POOLING_MODES, _check_modes, pool_packed
+
 __all__ = ["Encoder", "POOLING_MODES", "TOKENIZE_CHUNK", "pack_lengths", "read_model_dir"]
 
-#: Pooling modes of sentence-transformers' ``Pooling`` module that the Encoder implements.
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 #: Texts tokenized per background step (and sorted together before packing).
 TOKENIZE_CHUNK = 8192
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-_LEGACY_POOLING = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_ST_TRANSFORMER = ("sentence_transformers.models.Transformer", "sentence_transformers.base.modules.transformer")
-_ST_POOLING = "Pooling"
-_ST_NORMALIZE = "Normalize"
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype={dtype!r} is not supported; use 'fp32', 'bf16' or 'fp16' (or a torch.dtype)")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device (use 'cpu', 'cuda' or 'cuda:N')") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
-    return dev
-
-
-def _check_modes(pooling: str | Sequence[str]) -> tuple[str, ...]:
-    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
-    if not modes:
-        raise ValueError(f"pooling must name at least one mode of {POOLING_MODES}")
-    for mode in modes:
-        if mode not in POOLING_MODES:
-            raise ValueError(f"pooling={mode!r} is not a known pooling mode; use one of {POOLING_MODES}")
-    return modes
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def pack_lengths(lengths: Sequence[int], batch_tokens: int) -> list[tuple[int, int]]:
@@ -123,114 +63,6 @@ def pack_lengths(lengths: Sequence[int], batch_tokens: int) -> list[tuple[int, i
     if start < len(lengths):
         batches.append((start, len(lengths)))
     return batches
-
-
-@dataclass
-class _Config:
-    modes: tuple[str, ...] = ("mean",)
-    normalize: bool = False
-    include_prompt: bool = True
-    max_seq_length: int = 512
-    do_lower_case: bool = False
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def _pooling_config(path: str) -> tuple[tuple[str, ...], bool]:
-    cfg = _read_json(os.path.join(path, "config.json"))
-    if "pooling_mode" in cfg:
-        modes = _check_modes(cfg["pooling_mode"])
-    else:
-        modes = tuple(mode for key, mode in _LEGACY_POOLING.items() if cfg.get(key, False)) or ("mean",)
-    return modes, bool(cfg.get("include_prompt", True))
-
-
-def _sentence_transformers_layout(path: str) -> tuple[str, _Config]:
-    """(transformer module dir, config) from a sentence-transformers directory's ``modules.json``."""
-    modules = _read_json(os.path.join(path, "modules.json"))
-    cfg = _Config()
-    transformer_dir = None
-    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
-        kind = str(module.get("type", ""))
-        sub = os.path.join(path, module.get("path", ""))
-        name = kind.rsplit(".", 1)[-1]
-        if kind in _ST_TRANSFORMER or name == "Transformer":
-            transformer_dir = sub
-            for fname in ("sentence_bert_config.json", "sentence_transformers_config.json"):
-                if os.path.exists(os.path.join(sub, fname)):
-                    st_cfg = _read_json(os.path.join(sub, fname))
-                    if st_cfg.get("max_seq_length") is not None:
-                        cfg.max_seq_length = int(st_cfg["max_seq_length"])
-                    cfg.do_lower_case = bool(st_cfg.get("do_lower_case", False))
-                    break
-            else:
-                cfg.max_seq_length = -1  # tokenizer's model_max_length, capped below
-        elif name == _ST_POOLING:
-            cfg.modes, cfg.include_prompt = _pooling_config(sub)
-        elif name == _ST_NORMALIZE:
-            cfg.normalize = True
-        else:
-            raise ValueError(
-                f"{path}: the sentence-transformers module {kind!r} is not supported by bert_fast.Encoder "
-                "(supported: Transformer, Pooling, Normalize); use SentenceTransformer with bert_fast.optimize"
-            )
-    if transformer_dir is None:
-        raise ValueError(f"{path}: modules.json has no Transformer module")
-    st_file = os.path.join(path, "config_sentence_transformers.json")
-    if os.path.exists(st_file):
-        st = _read_json(st_file)
-        cfg.prompts = {str(k): str(v) for k, v in (st.get("prompts") or {}).items()}
-        cfg.default_prompt_name = st.get("default_prompt_name")
-    return transformer_dir, cfg
-
-
-def _activation_from_config(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """sentence-transformers' CrossEncoder default: the saved ``activation_fn`` if it is a torch
-    class, else sigmoid for one label and identity otherwise."""
-    st = getattr(config, "sentence_transformers", None)
-    path = st.get("activation_fn") if isinstance(st, dict) else None
-    path = path or getattr(config, "sbert_ce_default_activation_function", None)
-    if isinstance(path, str) and path.startswith("torch."):
-        import importlib
-
-        module_name, _, cls_name = path.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), cls_name)()
-        except (ImportError, AttributeError):
-            pass
-    return torch.sigmoid if config.num_labels == 1 else None
-
-
-def read_model_dir(path: str | os.PathLike) -> tuple[str, _Config, Any]:
-    """(transformer weights dir, Encoder settings, transformers config) of a model directory,
-    without loading weights. Raises ``FileNotFoundError`` / ``ValueError`` for what the Encoder
-    cannot load."""
-    import transformers
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (give a local model directory)")
-    if os.path.exists(os.path.join(path, "modules.json")):
-        model_dir, cfg = _sentence_transformers_layout(path)
-    elif os.path.exists(os.path.join(path, "config.json")):
-        model_dir, cfg = path, _Config(max_seq_length=-1)
-    else:
-        raise FileNotFoundError(
-            f"{path!r} is not a model directory: it has neither modules.json (sentence-transformers) "
-            "nor config.json (Hugging Face)"
-        )
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir!r} has no config.json")
-    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-    from .families import supported_model_types
-
-    if hf_config.model_type not in supported_model_types():
-        raise ValueError(
-            f"{path}: model_type {hf_config.model_type!r} is not supported "
-            f"(supported: {', '.join(supported_model_types())})"
-        )
-    return model_dir, cfg, hf_config
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:
@@ -453,49 +285,8 @@ class Encoder:
     # pooling
     # ------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _pool(
-        h: torch.Tensor, cu: torch.Tensor, lengths: torch.Tensor, modes: tuple[str, ...], skip: int
-    ) -> torch.Tensor:
-        """Pool the packed (T, hidden) states per sequence with segment ops; fp32 result (n, dim).
-
-        ``skip``: leading tokens of every sequence left out (a prompt with ``include_prompt=False``,
-        as sentence-transformers does; its CLS pooling moves past the prompt when the text is longer).
-        """
-        dev = h.device
-        n, hidden = lengths.numel(), h.shape[-1]
-        cu_d, len_d = cu.to(dev), lengths.to(dev)
-        starts = cu_d[:-1]
-        seg = torch.repeat_interleave(torch.arange(n, device=dev), len_d)
-        pos = torch.arange(h.shape[0], device=dev) - torch.repeat_interleave(starts, len_d)
-        x, xs, xp, eff = h, seg, pos, len_d
-        if skip:
-            keep = pos >= skip
-            x, xs, xp = h[keep], seg[keep], pos[keep]
-            eff = len_d - skip
-        x32 = x.float()
-        out: list[torch.Tensor] = []
-        mean_sum = None
-        for mode in modes:
-            if mode == "cls":
-                first = starts + torch.where(len_d > skip, skip, 0) if skip else starts
-                out.append(h[first].float())
-            elif mode == "lasttoken":
-                out.append(h[cu_d[1:] - 1].float())
-            elif mode in ("mean", "mean_sqrt_len_tokens"):
-                if mean_sum is None:
-                    mean_sum = torch.zeros(n, hidden, device=dev, dtype=torch.float32).index_add_(0, xs, x32)
-                denom = eff.clamp(min=1).to(torch.float32).unsqueeze(1)
-                out.append(mean_sum / (denom if mode == "mean" else denom.sqrt()))
-            elif mode == "max":
-                init = torch.full((n, hidden), float("-inf"), device=dev, dtype=torch.float32)
-                out.append(init.scatter_reduce(0, xs.unsqueeze(1).expand(-1, hidden), x32, reduce="amax"))
-            elif mode == "weightedmean":
-                w = (xp + 1).to(torch.float32)
-                num = torch.zeros(n, hidden, device=dev, dtype=torch.float32).index_add_(0, xs, x32 * w.unsqueeze(1))
-                den = torch.zeros(n, device=dev, dtype=torch.float32).index_add_(0, xs, w)
-                out.append(num / den.clamp(min=1e-9).unsqueeze(1))
-        return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    # segment ops over the packed states: bert_fast._pooling
+    _pool = staticmethod(pool_packed)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -662,4 +453,3 @@ class Encoder:
         if num_labels == 1:
             result = result[:, 0]
         return result.numpy() if output == "numpy" else result
-
