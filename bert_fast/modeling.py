@@ -29,8 +29,9 @@ derived from the restarts. ``validate_inputs=False`` skips the checks that read 
 (offsets, id ranges): with ``cu_seq_lens_q``, ``max_length_q`` and ``position_ids`` given, the
 forward then never synchronizes with the device for its inputs.
 
-In training mode the same path runs with dropout at HF's places and exact gradients (the fused
-kernels are forward-only and get the reference backward).
+In training mode the same path runs with dropout at HF's places and exact gradients. Activation
+checkpointing enabled with HF's ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()``
+is honoured: each flagged layer is recomputed in backward through the function HF installed on it.
 
 The model never copies or re-creates Parameters: the fused QKV weight is a derived cache built
 from the live ``query``/``key``/``value`` weights (rebuilt when any of them changes, kept in a side
@@ -40,6 +41,7 @@ concatenated on the fly so gradients reach the originals.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -122,8 +124,19 @@ def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int,
     if training:
         x = model.embeddings.dropout(x)
     all_hidden = [unpack(x)] if output_hidden_states else None
+    checkpointing = training and torch.is_grad_enabled()
     for layer in model.encoder.layer:
-        x = _layer_forward(plan, layer, x, cu_seqlens, max_seqlen, act, training)
+        if checkpointing and getattr(layer, "gradient_checkpointing", False):
+            # HF's activation checkpointing (``gradient_checkpointing_enable()`` sets the flag and the
+            # function on every layer): the layer's own function (torch.utils.checkpoint, non-reentrant
+            # by default, RNG state preserved so dropout masks repeat in the recomputation) wraps our
+            # layer; only its input is kept, everything inside is recomputed in backward.
+            fn = functools.partial(
+                _layer_forward, plan, layer, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, act=act, training=training
+            )
+            x = layer._gradient_checkpointing_func(fn, x)
+        else:
+            x = _layer_forward(plan, layer, x, cu_seqlens, max_seqlen, act, training)
         if all_hidden is not None:
             all_hidden.append(unpack(x))
     sequence_output = all_hidden[-1] if all_hidden is not None else unpack(x)

@@ -1,0 +1,98 @@
+"""Training features of the drop-in classes: activation checkpointing honoured, gradients equal to HF's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import bert_fast
+from tests._models import backends_for_models, paired, random_batch, tiny_config
+from tests.tolerances import FP32_MODEL_ATOL
+
+
+def _pair(hf_cls, ours_cls, config, backend):
+    """An HF eager model and ours (``backend``) with the same weights, both in training mode."""
+    ref, _ = paired(hf_cls, hf_cls, config)
+    ours = ours_cls(copy.deepcopy(config), backend=backend)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref.train(), ours.train()
+
+
+def _saved_bytes(fn) -> tuple[int, object]:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (and its result)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _mlm_step(model, ids, mask, types, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+@pytest.mark.parametrize("backend", backends_for_models())
+def test_gradient_checkpointing_saves_memory_and_keeps_gradients(backend):
+    config = tiny_config(num_hidden_layers=3)
+    ref, ours = _pair(transformers.BertForMaskedLM, bert_fast.BertForMaskedLM, config, backend)
+    torch.manual_seed(0)
+    ids, mask, types = random_batch([17, 9, 33, 1], config)
+    # labels on valid tokens only: padded positions are ours to define (zeros), HF's are not
+    labels = torch.where((torch.rand(ids.shape) < 0.3) & (mask == 1), ids, torch.full_like(ids, -100))
+
+    plain_bytes, _ = _saved_bytes(lambda: ours(input_ids=ids, attention_mask=mask, token_type_ids=types).logits)
+    ours.gradient_checkpointing_enable()
+    ref.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in ours.bert.encoder.layer)
+    ckpt_bytes, _ = _saved_bytes(lambda: ours(input_ids=ids, attention_mask=mask, token_type_ids=types).logits)
+    # Per layer only the input is kept: much less than the ~10 activations a layer saves otherwise.
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+    loss_ref = _mlm_step(ref, ids, mask, types, labels)
+    loss_ours = _mlm_step(ours, ids, mask, types, labels)
+    assert abs(loss_ref.item() - loss_ours.item()) <= FP32_MODEL_ATOL
+    g_ref, g_ours = _grads(ref), _grads(ours)
+    assert g_ref.keys() == g_ours.keys()
+    for name in g_ref:
+        err = (g_ref[name] - g_ours[name]).abs().max().item()
+        assert err <= FP32_MODEL_ATOL, f"{name}: max abs diff {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", backends_for_models())
+def test_gradient_checkpointing_repeats_dropout_masks(backend):
+    """With dropout on, the recomputation must draw the same masks: same gradients as without checkpointing."""
+    config = tiny_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    _, ours = _pair(transformers.BertForMaskedLM, bert_fast.BertForMaskedLM, config, backend)
+    ids, mask, types = random_batch([12, 20, 5], config)
+    labels = torch.where((torch.rand(ids.shape) < 0.5) & (mask == 1), ids, torch.full_like(ids, -100))
+
+    torch.manual_seed(7)
+    loss_plain = _mlm_step(ours, ids, mask, types, labels)
+    g_plain = _grads(ours)
+    ours.gradient_checkpointing_enable()
+    torch.manual_seed(7)
+    loss_ckpt = _mlm_step(ours, ids, mask, types, labels)
+    g_ckpt = _grads(ours)
+    assert loss_plain.item() == pytest.approx(loss_ckpt.item(), abs=1e-6)
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], atol=1e-6, rtol=0, msg=name)
+    ours.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in ours.bert.encoder.layer)
