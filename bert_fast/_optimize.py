@@ -62,14 +62,39 @@ def _find_bert(model: Any) -> transformers.BertModel:
     )
 
 
-def optimize(model: Any, backend: str | None = None) -> Any:
+def _set_sparse_prediction(model: Any, sparse_prediction: bool) -> None:
+    """Switch sparse MLM prediction on or off for a ``BertForMaskedLM`` / ``BertForPreTraining``."""
+    from .modeling import _SparseMLMMixin
+
+    if not isinstance(model, (transformers.BertForMaskedLM, transformers.BertForPreTraining)):
+        if sparse_prediction:
+            raise TypeError(
+                f"bert_fast.optimize: sparse_prediction=True needs a BertForMaskedLM or BertForPreTraining, got "
+                f"{type(model).__name__}; drop sparse_prediction for this model"
+            )
+        return
+    if sparse_prediction and not isinstance(model, _SparseMLMMixin):
+        cls = type(model)
+        fast = _fast_classes.get(cls)
+        if fast is None:
+            fast = type(cls.__name__, (_SparseMLMMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+            _fast_classes[cls] = fast
+        model.__dict__["_bert_fast_orig_task_class"] = cls
+        model.__class__ = fast
+    model.__dict__["_bert_fast_sparse_prediction"] = bool(sparse_prediction)
+
+
+def optimize(model: Any, backend: str | None = None, sparse_prediction: bool | None = None) -> Any:
     """Upgrade ``model`` in place to bert_fast's padding-free fused forward; returns ``model``.
 
     ``model``: a ``transformers.BertModel``, any transformers ``BertFor*`` task model, or a
     ``SentenceTransformer`` wrapping one. Parameters are shared, not copied; only this instance
     changes (its ``BertModel``'s class is switched to bert_fast's subclass). ``backend``:
     ``"auto"`` (default), ``"triton"``, ``"cpp"`` or ``"torch"``; ``None`` follows
-    :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``.
+    :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``. ``sparse_prediction`` (``BertForMaskedLM``
+    and ``BertForPreTraining`` only): with ``labels``, run the MLM head on labelled positions only
+    with the loss fused into the decoder; ``logits`` then hold only those rows (see
+    :mod:`bert_fast._sparse_mlm`). ``None`` leaves the current setting.
     """
     from .modeling import _FastBertMixin
 
@@ -82,6 +107,8 @@ def optimize(model: Any, backend: str | None = None) -> Any:
         bert.__dict__["_bert_fast_orig_class"] = type(bert)
         bert.__class__ = _fast_class_for(type(bert))
     bert.__dict__["_bert_fast_backend"] = backend
+    if sparse_prediction is not None:
+        _set_sparse_prediction(model, sparse_prediction)
     _plan.clear(bert)
     return model
 
@@ -112,6 +139,11 @@ def revert(model: Any) -> Any:
     if orig is not None:
         bert.__class__ = orig
     bert.__dict__.pop("_bert_fast_backend", None)
+    task_cls = model.__dict__.pop("_bert_fast_orig_task_class", None) if hasattr(model, "__dict__") else None
+    if task_cls is not None:
+        model.__class__ = task_cls
+    if hasattr(model, "__dict__"):
+        model.__dict__.pop("_bert_fast_sparse_prediction", None)
     _plan.clear(bert)
     return model
 

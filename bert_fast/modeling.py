@@ -42,6 +42,7 @@ concatenated on the fly so gradients reach the originals.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -352,11 +353,13 @@ class _DropIn:
     """Shared by the drop-in classes: ``backend=`` in the constructor and in ``from_pretrained``."""
 
     @classmethod
-    def from_pretrained(cls, *args, backend: str | None = None, **kwargs):  # type: ignore[override]
+    def from_pretrained(
+        cls, *args, backend: str | None = None, sparse_prediction: bool | None = None, **kwargs
+    ):  # type: ignore[override]
         if backend is not None:
             _check_name(backend)
         model = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
-        optimize(model, backend=backend)
+        optimize(model, backend=backend, sparse_prediction=sparse_prediction)
         return model
 
 
@@ -370,15 +373,68 @@ class BertModel(_FastBertMixin, _DropIn, transformers.BertModel):
         check_backend(self, backend)
 
 
+class _SparseMLMMixin:
+    """Mixed in before ``transformers.BertForMaskedLM`` / ``BertForPreTraining``: sparse MLM prediction.
+
+    When the instance was built or optimized with ``sparse_prediction=True`` and ``labels`` are
+    given, the MLM head runs only on labelled positions and its loss is fused with the decoder
+    (:mod:`bert_fast._sparse_mlm`); ``logits`` / ``prediction_logits`` then hold only those rows.
+    Otherwise transformers' forward runs unchanged.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if not self.__dict__.get("_bert_fast_sparse_prediction"):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        bound = inspect.signature(super().forward).bind(*args, **kwargs)  # type: ignore[misc]
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}))
+        labels = call.pop("labels", None)
+        if labels is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        from transformers.modeling_outputs import MaskedLMOutput
+        from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+
+        from ._sparse_mlm import sparse_mlm
+
+        return_dict = call.pop("return_dict", None)
+        next_sentence_label = call.pop("next_sentence_label", None)
+        pretraining = isinstance(self, transformers.BertForPreTraining)
+        outputs = self.bert(**call, return_dict=True)
+        predictions = self.cls.predictions
+        mlm_loss, logits = sparse_mlm(predictions, outputs[0], labels)
+        if pretraining:
+            nsp = self.cls.seq_relationship(outputs[1])
+            loss = None
+            if next_sentence_label is not None:
+                nsp_loss = torch.nn.functional.cross_entropy(nsp.view(-1, 2), next_sentence_label.view(-1))
+                loss = mlm_loss + nsp_loss
+            out = BertForPreTrainingOutput(
+                loss=loss,
+                prediction_logits=logits,
+                seq_relationship_logits=nsp,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+        else:
+            out = MaskedLMOutput(
+                loss=mlm_loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
+        return out if return_dict is not False else out.to_tuple()
+
+
 def _task_class(base: type) -> type:
-    def __init__(self, config, *args, backend: str | None = None, **kwargs):
+    sparse = base in (transformers.BertForMaskedLM, transformers.BertForPreTraining)
+
+    def __init__(
+        self, config, *args, backend: str | None = None, sparse_prediction: bool | None = None, **kwargs
+    ):
         check_config(config)
         base.__init__(self, config, *args, **kwargs)
-        optimize(self, backend=backend)
+        optimize(self, backend=backend, sparse_prediction=sparse_prediction)
 
     return type(
         base.__name__,
-        (_DropIn, base),
+        (_DropIn, _SparseMLMMixin, base) if sparse else (_DropIn, base),
         {
             "__init__": __init__,
             "__module__": __name__,

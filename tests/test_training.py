@@ -96,3 +96,85 @@ def test_gradient_checkpointing_repeats_dropout_masks(backend):
         torch.testing.assert_close(g_ckpt[name], g_plain[name], atol=1e-6, rtol=0, msg=name)
     ours.gradient_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in ours.bert.encoder.layer)
+
+
+# ---- sparse MLM prediction ---------------------------------------------------------------------
+
+
+def test_linear_cross_entropy_matches_dense():
+    from bert_fast._sparse_mlm import linear_cross_entropy
+
+    torch.manual_seed(3)
+    n, hidden, vocab = 37, 24, 101  # several chunks, a partial last one
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    b = torch.randn(vocab, requires_grad=True)
+    t = torch.randint(0, vocab, (n,))
+    loss, logits = linear_cross_entropy(h, w, b, t)
+    ref_logits = torch.nn.functional.linear(h, w, b)
+    ref = torch.nn.functional.cross_entropy(ref_logits, t)
+    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=0)
+    assert not logits.requires_grad
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    got = torch.autograd.grad(loss * 3.0, (h, w, b))
+    want = torch.autograd.grad(ref * 3.0, (h, w, b))
+    for name, g, r in zip(("h", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("task", ["mlm", "pretraining"])
+@pytest.mark.parametrize("backend", backends_for_models())
+def test_sparse_prediction_matches_hf(task, backend):
+    config = tiny_config(num_hidden_layers=2, vocab_size=211)
+    hf_cls, ours_cls = {
+        "mlm": (transformers.BertForMaskedLM, bert_fast.BertForMaskedLM),
+        "pretraining": (transformers.BertForPreTraining, bert_fast.BertForPreTraining),
+    }[task]
+    ref, _ = paired(hf_cls, hf_cls, config)
+    ours = ours_cls(copy.deepcopy(config), backend=backend, sparse_prediction=True)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.train()
+    ours.train()
+    torch.manual_seed(11)
+    ids, mask, types = random_batch([21, 7, 30, 2], config)
+    sel = (torch.rand(ids.shape) < 0.2) & (mask == 1)
+    sel[0, 0] = True
+    labels = torch.where(sel, ids, torch.full_like(ids, -100))
+    extra = {"next_sentence_label": torch.tensor([0, 1, 1, 0])} if task == "pretraining" else {}
+
+    outs = []
+    for model in (ref, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, **extra)
+        out.loss.backward()
+        outs.append(out)
+    out_ref, out_ours = outs
+    assert abs(out_ref.loss.item() - out_ours.loss.item()) <= FP32_MODEL_ATOL
+    dense = out_ref.logits if task == "mlm" else out_ref.prediction_logits
+    sparse = out_ours.logits if task == "mlm" else out_ours.prediction_logits
+    assert sparse.shape == (int(sel.sum()), config.vocab_size)
+    torch.testing.assert_close(sparse, dense[sel].detach(), atol=FP32_MODEL_ATOL, rtol=0)
+    g_ref, g_ours = _grads(ref), _grads(ours)
+    assert g_ref.keys() == g_ours.keys()
+    for name in g_ref:
+        err = (g_ref[name] - g_ours[name]).abs().max().item()
+        assert err <= FP32_MODEL_ATOL, f"{name}: max abs diff {err:.3e}"
+    # without labels the head is dense, as HF's
+    with torch.no_grad():
+        dense_ours = ours.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert (dense_ours.logits if task == "mlm" else dense_ours.prediction_logits).shape == dense.shape
+
+
+def test_optimize_sparse_prediction_and_revert():
+    config = tiny_config()
+    model = transformers.BertForMaskedLM(copy.deepcopy(config))
+    bert_fast.optimize(model, sparse_prediction=True)
+    ids, mask, _ = random_batch([5, 9], config)
+    labels = torch.full_like(ids, -100)
+    labels[1, 3] = 4
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (1, config.vocab_size)
+    bert_fast.revert(model)
+    assert type(model) is transformers.BertForMaskedLM
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (2, 9, config.vocab_size)
+    with pytest.raises(TypeError, match="sparse_prediction"):
+        bert_fast.optimize(transformers.BertForSequenceClassification(copy.deepcopy(config)), sparse_prediction=True)
