@@ -178,3 +178,50 @@ def test_optimize_sparse_prediction_and_revert():
     assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (2, 9, config.vocab_size)
     with pytest.raises(TypeError, match="sparse_prediction"):
         bert_fast.optimize(transformers.BertForSequenceClassification(copy.deepcopy(config)), sparse_prediction=True)
+
+
+# ---- HF Trainer with packed (flattened) batches ------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_trainer_with_flattening_collator(sparse, tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    config = tiny_config(vocab_size=113)
+    ref, _ = paired(transformers.BertForMaskedLM, transformers.BertForMaskedLM, config)
+    ours = bert_fast.BertForMaskedLM(copy.deepcopy(config), sparse_prediction=sparse)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    torch.manual_seed(5)
+    features = []
+    for n in (9, 23, 4, 16, 30, 2):
+        ids = torch.randint(0, config.vocab_size, (n,))
+        labels = torch.where(torch.rand(n) < 0.4, ids, torch.full_like(ids, -100))
+        labels[0] = -100  # the flattening collator overwrites each first label with its separator
+        features.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+
+    # One packed batch through our model = the padded batch through HF's (loss: mean over labels).
+    batch = collate(features[:4])
+    assert "cu_seq_lens_q" in batch and batch["input_ids"].shape[0] == 1
+    ours.eval()
+    with torch.no_grad():
+        loss_packed = ours(**batch).loss
+        lengths = [len(f["input_ids"]) for f in features[:4]]
+        ids, mask, _ = random_batch(lengths, config, with_types=False)
+        labels = torch.full_like(ids, -100)
+        for i, f in enumerate(features[:4]):
+            ids[i, : lengths[i]] = torch.tensor(f["input_ids"])
+            labels[i, : lengths[i]] = torch.tensor(f["labels"])
+        loss_padded = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(loss_packed.item() - loss_padded.item()) <= FP32_MODEL_ATOL
+
+    before = ours.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, dataloader_num_workers=0, logging_steps=1,
+    )  # fmt: skip
+    trainer = Trainer(model=ours, args=args, train_dataset=features, data_collator=collate)
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    assert not torch.equal(before, ours.bert.encoder.layer[0].attention.self.query.weight)
