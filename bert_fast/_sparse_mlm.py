@@ -25,16 +25,20 @@ the accumulated weight gradients in fp32.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 IGNORE_INDEX = -100
 
 
+#: Largest chunk of fp32 logits (elements): 2^22 = 16 MiB, 137 rows of BERT's 30,522-word vocabulary.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def _chunk_rows(n: int, hidden: int, vocab: int) -> int:
-    # A chunk of logits as large as the (n, hidden) input rows: memory stays O(input) whatever V is.
-    return max(1, math.ceil(n / max(1, math.ceil(vocab / max(hidden, 1)))))
+    # Every chunk adds a (V, H) product into the weight gradient, so chunks must not be small (a
+    # 1-row chunk would stream V H floats for 2 V H FLOPs); they are capped so that the fp32 logits
+    # of one chunk stay within CHUNK_ELEMENTS whatever n is.
+    return max(1, min(n, max(CHUNK_ELEMENTS // max(vocab, 1), 1)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -101,11 +101,13 @@ def test_gradient_checkpointing_repeats_dropout_masks(backend):
 # ---- sparse MLM prediction ---------------------------------------------------------------------
 
 
-def test_linear_cross_entropy_matches_dense():
+def test_linear_cross_entropy_matches_dense(monkeypatch):
+    from bert_fast import _sparse_mlm
     from bert_fast._sparse_mlm import linear_cross_entropy
 
     torch.manual_seed(3)
-    n, hidden, vocab = 37, 24, 101  # several chunks, a partial last one
+    n, hidden, vocab = 37, 24, 101
+    monkeypatch.setattr(_sparse_mlm, "CHUNK_ELEMENTS", 8 * vocab)  # 8-row chunks: 5 chunks, a partial last one
     h = torch.randn(n, hidden, requires_grad=True)
     w = torch.randn(vocab, hidden, requires_grad=True)
     b = torch.randn(vocab, requires_grad=True)
