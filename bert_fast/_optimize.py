@@ -64,7 +64,7 @@ def _find_bert(model: Any) -> transformers.BertModel:
 
 def _set_sparse_prediction(model: Any, sparse_prediction: bool) -> None:
     """Switch sparse MLM prediction on or off for a ``BertForMaskedLM`` / ``BertForPreTraining``."""
-    from .modeling import _SparseMLMMixin
+    from .modeling import _sparse_forward_for, _SparseMLMMixin
 
     if not isinstance(model, (transformers.BertForMaskedLM, transformers.BertForPreTraining)):
         if sparse_prediction:
@@ -77,7 +77,8 @@ def _set_sparse_prediction(model: Any, sparse_prediction: bool) -> None:
         cls = type(model)
         fast = _fast_classes.get(cls)
         if fast is None:
-            fast = type(cls.__name__, (_SparseMLMMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+            attrs = {"__module__": cls.__module__, "__doc__": cls.__doc__, "forward": _sparse_forward_for(cls)}
+            fast = type(cls.__name__, (_SparseMLMMixin, cls), attrs)
             _fast_classes[cls] = fast
         model.__dict__["_bert_fast_orig_task_class"] = cls
         model.__class__ = fast

@@ -287,6 +287,9 @@ class _FastBertMixin:
         packed = {k: kwargs.pop(k) for k in PACKED_KWARGS if k in kwargs}
         packed = {k: v for k, v in packed.items() if v is not None}
         validate = kwargs.pop("validate_inputs", True)
+        # A loss argument HF Trainer passes to models whose forward takes **kwargs; the BERT task
+        # heads pass it down to the encoder, where HF's own forward ignores it too.
+        kwargs.pop("num_items_in_batch", None)
         reason = None
         if output_attentions:
             reason = "output_attentions=True needs the attention probabilities, which fused attention never forms"
@@ -422,6 +425,17 @@ class _SparseMLMMixin:
         return out if return_dict is not False else out.to_tuple()
 
 
+def _sparse_forward_for(base: type):
+    """``_SparseMLMMixin.forward`` carrying ``base.forward``'s signature (HF Trainer reads it to decide
+    which batch columns the model takes; ``(*args, **kwargs)`` would make it drop them all)."""
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return _SparseMLMMixin.forward(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, base.forward)
+    return forward
+
+
 def _task_class(base: type) -> type:
     sparse = base in (transformers.BertForMaskedLM, transformers.BertForPreTraining)
 
@@ -439,6 +453,7 @@ def _task_class(base: type) -> type:
             "__init__": __init__,
             "__module__": __name__,
             "__doc__": f"``transformers.{base.__name__}`` whose encoder runs bert_fast's forward.",
+            **({"forward": _sparse_forward_for(base)} if sparse else {}),
         },
     )
 

@@ -9,12 +9,11 @@ dtype, plus a floor). Odd sizes throughout: partial row blocks and partly masked
 
 from __future__ import annotations
 
+import bert_fast.kernels as K
 import pytest
 import torch
 from _check import DTYPES
 from tolerances import FP32_OP_ATOL, HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
-
-import bert_fast.kernels as K
 
 OP = "bias_act_bwd"
 OP_BACKENDS = ("cpp", "triton")
