@@ -156,7 +156,7 @@ setup(
     package_dir={"bert_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.8,<2.15",
-        "transformers>=5.0,<5.24",
+        "transformers>=4.50,<5.24",  # the 4.5x line (CI: make test-tf4) and 5.0-5.23
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.24",

@@ -2,8 +2,10 @@
 
 * ``from bert_fast import BertModel`` (and every other ``Bert*`` class of transformers): same
   checkpoints, same outputs, padding-free fused execution.
-* ``bert_fast.optimize(model)`` upgrades a transformers BERT model or a sentence-transformers
-  model in place; ``bert_fast.revert(model)`` undoes it.
+* The same for the BERT family (:mod:`bert_fast.families`): ``RobertaModel``, ``XLMRobertaModel``,
+  ``CamembertModel``, ``ElectraModel``, ``DistilBertModel`` and their encoder task classes.
+* ``bert_fast.optimize(model)`` upgrades a transformers model of any of those families or a
+  sentence-transformers model in place; ``bert_fast.revert(model)`` undoes it.
 * ``bert_fast.use_backend("triton" | "cpp" | "torch" | "auto")`` picks the engine for a block.
 * ``bert_fast.optimize(model, cuda_graphs=True)`` and ``bert_fast.warmup(model, ...)``: on a GPU,
   the encoder replayed from CUDA graphs per shape bucket (:mod:`bert_fast.cuda_graphs`).
@@ -30,6 +32,14 @@ _MODELING = {
     "revert",
     "is_optimized",
 }
+
+_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+_FAMILY_CLASSES = {
+    f"{prefix}{suffix}"
+    for prefix in ("Roberta", "XLMRoberta", "Camembert", "Electra", "DistilBert")
+    for suffix in ("Model", "ForMultipleChoice", *_HEADS)
+} | {"ElectraForPreTraining"}
+_MODELING |= _FAMILY_CLASSES
 
 __all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend", "warmup", "__version__"})
 

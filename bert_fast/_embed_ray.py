@@ -34,7 +34,14 @@ class EncodeActor:
     """Loads the Encoder once; encodes batches of ``{"id", "text"}`` into ``{"id", "embedding"}``."""
 
     def __init__(
-        self, model: str, device: str, dtype: str, max_seq_length: int | None, batch_tokens: int, threads: int
+        self,
+        model: str,
+        device: str,
+        dtype: str,
+        backend: str | None,
+        max_seq_length: int | None,
+        batch_tokens: int,
+        threads: int,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,7 +51,9 @@ class EncodeActor:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.encoder = Encoder.from_pretrained(model, device=device, dtype=dtype, max_seq_length=max_seq_length)
+        self.encoder = Encoder.from_pretrained(
+            model, device=device, dtype=dtype, backend=backend, max_seq_length=max_seq_length
+        )
         self.batch_tokens = batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,6 +114,7 @@ def run_ray(args: argparse.Namespace, texts: list[str], shards: Shards, todo: li
                 "model": os.path.abspath(args.model),
                 "device": args.device,
                 "dtype": args.dtype,
+                "backend": None if args.backend == "auto" else args.backend,
                 "max_seq_length": args.max_seq_length,
                 "batch_tokens": args.batch_tokens,
                 "threads": max(1, int(args.ray_cpus_per_actor)) if args.ray_gpus_per_actor == 0 else 0,

@@ -24,10 +24,14 @@ from .kernels import HF_ACTIVATIONS
 # --------------------------------------------------------------------------------------------------
 
 
-def check_config(config: transformers.PretrainedConfig) -> str:
+_UNSET = object()
+
+
+def check_config(config: transformers.PretrainedConfig, act=_UNSET, act_field: str = "config.hidden_act") -> str:
     """Raise ``NotImplementedError`` naming the field of any configuration we cannot run exactly.
 
-    Returns our activation name for ``config.hidden_act``.
+    Returns our activation name for ``config.hidden_act`` (or ``act``, read by the caller from the
+    family's own field ``act_field``, e.g. DistilBERT's ``config.activation``).
     """
     if getattr(config, "is_decoder", False):
         raise NotImplementedError("bert_fast supports encoders only: config.is_decoder=True is not supported")
@@ -38,10 +42,11 @@ def check_config(config: transformers.PretrainedConfig) -> str:
         raise NotImplementedError(
             f"bert_fast supports absolute position embeddings only: config.position_embedding_type={pet!r}"
         )
-    act = getattr(config, "hidden_act", None)
+    if act is _UNSET:
+        act = getattr(config, "hidden_act", None)
     if not isinstance(act, str) or act not in HF_ACTIVATIONS:
         raise NotImplementedError(
-            f"bert_fast does not support config.hidden_act={act!r}; supported: {', '.join(HF_ACTIVATIONS)}"
+            f"bert_fast does not support {act_field}={act!r}; supported: {', '.join(HF_ACTIVATIONS)}"
         )
     if config.hidden_size % config.num_attention_heads:
         raise NotImplementedError(
@@ -54,6 +59,11 @@ def check_config(config: transformers.PretrainedConfig) -> str:
 # --------------------------------------------------------------------------------------------------
 # Input validation: every bad input is rejected here, before a kernel runs
 # --------------------------------------------------------------------------------------------------
+
+
+def embedding_width(config: transformers.PretrainedConfig) -> int:
+    """Width of the word vectors (``inputs_embeds``): ELECTRA's ``embedding_size``, else ``hidden_size``."""
+    return int(getattr(config, "embedding_size", None) or config.hidden_size)
 
 
 def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
@@ -144,9 +154,10 @@ def validate_padded(
             raise ValueError(f"input_ids must have shape (batch, seq_len); got {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
     else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        width = embedding_width(config)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
             raise ValueError(
-                f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}); "
+                f"inputs_embeds must have shape (batch, seq_len, {width}); "
                 f"got {tuple(inputs_embeds.shape)}"
             )
         batch, seq_len = inputs_embeds.shape[:2]
@@ -230,7 +241,7 @@ def validate_packed(
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    hidden = config.hidden_size
+    hidden = embedding_width(config)
     if input_ids is not None:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(

@@ -83,9 +83,11 @@ def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]
     return cached[1]
 
 
-def fused_qkv(self_attn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (3 H, H) QKV weight and (3 H,) bias; concatenated afresh under autograd."""
-    q, k, v = self_attn.query, self_attn.key, self_attn.value
+def fused_qkv(self_attn: torch.nn.Module, q=None, k=None, v=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3 H, H) QKV weight and (3 H,) bias of ``self_attn`` (its ``query``/``key``/``value``, or
+    the given linears); concatenated afresh under autograd."""
+    if q is None:
+        q, k, v = self_attn.query, self_attn.key, self_attn.value
     tensors = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.cat(tensors[:3]), torch.cat(tensors[3:])
@@ -111,25 +113,29 @@ class Plan:
 
 def build_plan(model, device: torch.device, dtype: torch.dtype, grad: bool, training: bool, requested: str) -> Plan:
     """Resolve every op of ``model``'s forward once (raises for an explicit backend that cannot serve)."""
+    from .families import family_of
+
     config = model.config
+    fam = family_of(model)
     emb = model.embeddings
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = hidden // heads
     # Representative arguments: the model's own parameters and empty activations of the right
     # dtype, device, trailing shape and strides. The support checks read only those.
     x = torch.empty((0, hidden), device=device, dtype=dtype)
-    inter = torch.empty((0, config.intermediate_size), device=device, dtype=dtype)
+    inter = torch.empty((0, fam.intermediate_size(config)), device=device, dtype=dtype)
     ids = torch.empty((0,), device=device, dtype=torch.long)
     q, k, v = torch.empty((0, 3 * hidden), device=device, dtype=dtype).view(0, 3, heads, head_dim).unbind(1)
-    layer = model.encoder.layer[0] if len(model.encoder.layer) else None
-    ln = emb.LayerNorm
-    dropout = config.attention_probs_dropout_prob if training else 0.0
+    layers = fam.layers(model)
+    layer = fam.layer(layers[0], config) if len(layers) else None
+    ln = layer.attn_ln if layer is not None else emb.LayerNorm
+    dropout = fam.attn_dropout(config) if training else 0.0
     cu = torch.zeros((2,), device=device, dtype=torch.int32)
     mask = torch.empty((1, 0), device=device, dtype=torch.bool)
-    w = layer.intermediate.dense.weight if layer is not None else torch.empty((0, hidden), device=device, dtype=dtype)
+    w = layer.ffn_up.weight if layer is not None else torch.empty((0, hidden), device=device, dtype=dtype)
     calls = {
         "embed": (EMBED, (ids, ids, ids, emb.word_embeddings.weight, emb.position_embeddings.weight,
-                          emb.token_type_embeddings.weight, ln.weight, ln.bias, ln.eps, None)),
+                          fam.type_table(emb), emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, None)),
         "linear": (LINEAR, (x, w, None, None)),
         "attention": (ATTENTION, (q, k, v, cu, config.max_position_embeddings, 1.0, dropout)),
         "layer_norm": (LAYER_NORM, (x, ln.weight, ln.bias, ln.eps, ln.bias, x)),

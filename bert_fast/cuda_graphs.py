@@ -16,13 +16,14 @@ How a forward runs with ``bert_fast.optimize(model, cuda_graphs=True)`` (CUDA, e
    (the attention grid depends on it); B to the next power of two. The graph's sequence slots are
    ``B_bucket + dummy_slots(N_bucket, L_bucket)``.
 3. The graph of that bucket (captured on first use, least recently used evicted beyond
-   ``max_graphs``) reads static input buffers: the real tokens are copied to the front, the
-   ``N_bucket - N`` padding tokens (id 0, position 0, type 0) form a **dummy tail** split into
-   sequences of at most ``L_bucket`` tokens, and unused slots are empty sequences
-   (:func:`fill_cu_seqlens`: monotone, ends at ``N_bucket``). Every op of the encoder is row-wise
-   except attention, which reads only its own sequence, so the tail never touches a real token:
-   each real sequence's output is bit-identical to the eager forward on the same bucket (and equal
-   to the unbucketed eager forward up to the GEMMs' M-dependent rounding).
+   ``max_graphs``) reads static input buffers: the real tokens are copied to the front, the other
+   ``N_bucket - N`` rows form a **dummy tail** split into sequences of at most ``L_bucket`` tokens,
+   and unused slots are empty sequences (:func:`fill_cu_seqlens`: monotone, ends at ``N_bucket``).
+   Every op of the encoder is row-wise except attention, which reads only its own sequence, so the
+   tail never touches a real token: each real sequence's output is bit-identical to the eager
+   forward on the same bucket (and equal to the unbucketed eager forward up to the GEMMs'
+   M-dependent rounding). The tail is therefore not rewritten per call: it holds zeros or an
+   earlier batch's tokens, always valid ids (so no out-of-range table reads) and finite values.
 4. Replay, then the first N rows of the static output are copied out (still under the cache's
    lock, stream-ordered) before another replay can overwrite them; the model scatters them back
    to (B, L, H) and runs the pooler eagerly.
@@ -42,8 +43,8 @@ model moves to CUDA). ``enable(model, emulate=True)`` runs the bucketed eager pa
 on any device (checks the padding logic on CPU; a debugging aid, never faster).
 
 Weights: graphs read parameters by address. Moving or casting the model (a new storage for the
-parameters) and in-place updates seen by version counters of sentinel parameters (the word
-embeddings, every layer's query weight) drop all graphs. After changing other weights in place,
+parameters) and in-place updates seen by version counters of :data:`SENTINELS` parameters spread over
+the model drop all graphs. After changing other weights in place,
 call :func:`reset` (``load_state_dict`` and optimizer steps update the sentinels too).
 """
 
@@ -184,7 +185,7 @@ Encode = Callable[
 class _Entry:
     """Static buffers (and the graph, once captured) of one bucket."""
 
-    __slots__ = ("bucket", "ids", "pos", "types", "embeds", "cu", "steps", "out", "graph", "failed")
+    __slots__ = ("bucket", "ids", "pos", "types", "embeds", "cu", "steps", "out", "graph", "failed", "types_zero")
 
     def __init__(self, bucket: Bucket, device: torch.device, embeds_like: torch.Tensor | None) -> None:
         n = bucket.tokens
@@ -202,18 +203,20 @@ class _Entry:
         self.out: torch.Tensor | None = None
         self.graph: Any = None
         self.failed = False
+        self.types_zero = True  # self.types holds only zeros
 
     def fill(self, ids, pos, types, embeds, cu_seqlens, n: int) -> None:
-        """Copy one batch into the static buffers; the tail gets id 0, position 0, type 0 (or zero embeddings)."""
-        for static, src in ((self.ids, ids), (self.pos, pos), (self.types, types), (self.embeds, embeds)):
-            if static is None:
-                continue
-            if src is None:  # token_type_ids not given: type 0, as transformers does
-                static.zero_()
-                continue
-            static[:n].copy_(src)
-            if n < static.shape[0]:
-                static[n:].zero_()
+        """Copy one batch to the front of the static buffers (the tail keeps valid earlier values)."""
+        if types is None:  # token_type_ids not given: type 0, as transformers does
+            if not self.types_zero:
+                self.types.zero_()
+                self.types_zero = True
+        else:
+            self.types[:n].copy_(types)
+            self.types_zero = False
+        for static, src in ((self.ids, ids), (self.pos, pos), (self.embeds, embeds)):
+            if static is not None:
+                static[:n].copy_(src)
         fill_cu_seqlens(self.cu, cu_seqlens, n, self.bucket, self.steps)
 
     def encode(self, encode: Encode) -> torch.Tensor:
@@ -239,6 +242,7 @@ class GraphCache:
         self._pool: Any = None
         self._stream: Any = None
         self._signature: tuple | None = None
+        self.sentinels: list[torch.Tensor] | None = None
         self.captures = 0
         self.evictions = 0
         self.replays = 0
@@ -262,17 +266,18 @@ class GraphCache:
         }
 
     def clear(self) -> None:
-        """Drop every graph and static buffer (their memory returns to the shared pool / allocator)."""
+        """Drop every graph, static buffer and the memory pool (the model may be on another device next)."""
         with self._lock:
             self._entries.clear()
             self._signature = None
+            self._stream = self._pool = None
 
     def check_signature(self, signature: tuple) -> None:
         """Drop every graph when ``signature`` (plan, device, dtype, weight storages/versions) changed."""
         if signature != self._signature:
             with self._lock:
                 if signature != self._signature:
-                    self._entries.clear()
+                    self.clear()
                     self._signature = signature
 
     def run(
@@ -423,7 +428,8 @@ def _drop_cache(bert) -> None:
     from . import _plan
 
     with _plan._lock:
-        cache = _plan._table(bert).pop(_TABLE_KEY, None)
+        table = _plan._tables.get(bert)
+        cache = table.pop(_TABLE_KEY, None) if table is not None else None
     if cache is not None:
         cache.clear()
 
@@ -442,11 +448,18 @@ def _cache(bert, create: bool = True) -> GraphCache | None:
     return cache
 
 
-def _signature(bert, plan) -> tuple:
+#: Parameters whose storage and version the graphs check on every call (spread over the model).
+SENTINELS = 16
+
+
+def _signature(bert, plan, cache: GraphCache) -> tuple:
     """What the graphs depend on besides the bucket: the plan, and the storage and version of
     sentinel parameters (a move, a cast or an in-place update of them changes it)."""
-    sentinels = [bert.embeddings.word_embeddings.weight]
-    sentinels += [layer.attention.self.query.weight for layer in bert.encoder.layer]
+    sentinels = cache.sentinels
+    if sentinels is None:  # chosen once per cache: evenly spaced over the parameters, first and last included
+        params = list(bert.parameters())
+        step = max(1, -(-len(params) // SENTINELS))
+        sentinels = cache.sentinels = params[::step] + params[-1:]
     return (plan,) + tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sentinels)
 
 
@@ -487,7 +500,7 @@ def encode_packed(
     cache = serving_cache(bert, position_ids.device, position_ids.shape[0], output_hidden_states)
     if cache is None:
         return None
-    cache.check_signature(_signature(bert, plan))
+    cache.check_signature(_signature(bert, plan, cache))
     return cache.run(encode, input_ids, position_ids, token_type_ids, inputs_embeds, cu_seqlens, max_seqlen)
 
 
@@ -593,7 +606,9 @@ def warmup(
                     mask[i, :n] = 1
                 mask = mask.to(param.device)
                 ids = torch.zeros_like(mask)
-                bert(input_ids=ids, attention_mask=mask, token_type_ids=ids)
+                # Token types or not, the graphs read a type buffer (zeros when none is given).
+                types = {"token_type_ids": ids} if hasattr(bert.embeddings, "token_type_embeddings") else {}
+                bert(input_ids=ids, attention_mask=mask, **types)
     finally:
         bert.train(was_training)
     cache = _cache(bert, create=False)

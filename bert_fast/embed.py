@@ -64,6 +64,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model dtype (default fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "cpp", "torch", "triton"),
+        default="auto",
+        help="bert_fast kernel backend (default auto: Triton on CUDA, the C++ extension on CPU)",
+    )
     p.add_argument("--max-seq-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     p.add_argument(
         "--shard-size", type=int, default=8192, help="texts per shard, the unit of resuming (default 8192)"
@@ -192,7 +198,11 @@ def _prepare(args: argparse.Namespace):
     if args.engine == "local":
         try:
             encoder = Encoder.from_pretrained(
-                args.model, device=args.device, dtype=args.dtype, max_seq_length=args.max_seq_length
+                args.model,
+                device=args.device,
+                dtype=args.dtype,
+                backend=None if args.backend == "auto" else args.backend,
+                max_seq_length=args.max_seq_length,
             )
         except (OSError, ValueError) as exc:
             raise EmbedInputError(f"--model {args.model}: {exc}") from exc

@@ -20,7 +20,8 @@ Compared with ``SentenceTransformer.encode`` (sorts, then batches a fixed *count
 each batch to its longest text), nothing is spent on padding tokens, and large budgets keep the
 GEMMs large even for short texts. Results equal sentence-transformers' up to fp32 rounding.
 
-Limits: BERT checkpoints only (``model_type == "bert"``); of sentence-transformers' modules,
+Limits: BERT-family checkpoints only (``model_type`` bert, roberta, xlm-roberta, camembert, electra,
+distilbert: :mod:`bert_fast.families`); of sentence-transformers' modules,
 ``Transformer``, ``Pooling`` and ``Normalize`` are supported (a ``Dense`` or other module raises).
 """
 
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -221,9 +223,20 @@ def read_model_dir(path: str | os.PathLike) -> tuple[str, _Config, Any]:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir!r} has no config.json")
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-    if hf_config.model_type != "bert":
-        raise ValueError(f"{path}: model_type {hf_config.model_type!r} is not supported (BERT models only)")
+    from .families import supported_model_types
+
+    if hf_config.model_type not in supported_model_types():
+        raise ValueError(
+            f"{path}: model_type {hf_config.model_type!r} is not supported "
+            f"(supported: {', '.join(supported_model_types())})"
+        )
     return model_dir, cfg, hf_config
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(type(model).forward).parameters
 
 
 class Encoder:
@@ -282,25 +295,31 @@ class Encoder:
             not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length < 2
         ):
             raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
+        from .families import FAMILIES
+
         model_dir, cfg, hf_config = read_model_dir(path)
-        if max_seq_length is not None and max_seq_length > hf_config.max_position_embeddings:
+        fam = next(f for f in FAMILIES if hf_config.model_type in f.model_types)
+        # RoBERTa-style positions start after the padding index: fewer usable positions.
+        limit = int(hf_config.max_position_embeddings)
+        if fam.padding_positions:
+            limit -= int(hf_config.pad_token_id) + 1
+        if max_seq_length is not None and max_seq_length > limit:
             raise ValueError(
-                f"max_seq_length={max_seq_length} exceeds the model's "
-                f"max_position_embeddings={hf_config.max_position_embeddings}"
+                f"max_seq_length={max_seq_length} exceeds the model's maximum sequence length {limit} "
+                f"(max_position_embeddings={hf_config.max_position_embeddings})"
             )
         archs = hf_config.architectures or []
-        if "BertForSequenceClassification" in archs:
-            model = modeling.BertForSequenceClassification.from_pretrained(
-                model_dir, backend=backend, dtype=torch_dtype
-            )
+        base_name = "BertModel" if fam.name == "bert" else fam.base
+        clf_name = base_name[: -len("Model")] + "ForSequenceClassification"
+        if clf_name in archs:
+            model = getattr(modeling, clf_name).from_pretrained(model_dir, backend=backend, dtype=torch_dtype)
             cfg.activation = _activation_from_config(hf_config)
         else:
-            model = modeling.BertModel.from_pretrained(model_dir, backend=backend, dtype=torch_dtype)
+            model = getattr(modeling, base_name).from_pretrained(model_dir, backend=backend, dtype=torch_dtype)
         model = model.to(dev).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{path}: bert_fast.Encoder needs a fast tokenizer (tokenizer.json)")
-        limit = int(hf_config.max_position_embeddings)
         if max_seq_length is not None:
             cfg.max_seq_length = max_seq_length
         elif cfg.max_seq_length <= 0:
@@ -313,11 +332,13 @@ class Encoder:
 
     @property
     def is_cross_encoder(self) -> bool:
-        return isinstance(self.model, __import__("transformers").BertForSequenceClassification)
+        from .families import family_of
+
+        return family_of(self.model) is None  # a task model (sequence classification) around the encoder
 
     @property
     def _bert(self) -> torch.nn.Module:
-        return self.model.bert if self.is_cross_encoder else self.model
+        return self.model.base_model if self.is_cross_encoder else self.model
 
     @property
     def dtype(self) -> torch.dtype:
@@ -340,6 +361,9 @@ class Encoder:
         if self.config.do_lower_case:
             first = [t.lower() for t in first]
             second = None if second is None else [t.lower() for t in second]
+        from .families import family_of
+
+        with_types = second is not None and family_of(self._bert).has_token_types  # DistilBERT: none
         enc = self.tokenizer(
             first,
             second,
@@ -347,10 +371,10 @@ class Encoder:
             max_length=self.config.max_seq_length,
             padding=False,
             return_attention_mask=False,
-            return_token_type_ids=second is not None,
+            return_token_type_ids=with_types,
         )
         ids = enc["input_ids"]
-        types = enc["token_type_ids"] if second is not None else [None] * len(ids)
+        types = enc["token_type_ids"] if with_types else [None] * len(ids)
         return list(zip(ids, types))
 
     def _chunks(
@@ -402,10 +426,26 @@ class Encoder:
             "cu_seq_lens_k": cu32,
             "max_length_q": max_len,
             "max_length_k": max_len,
+            # the ids come from the tokenizer and the offsets from us: skip the model's host-side checks
+            "validate_inputs": False,
         }
         if items[0][1] is not None:
             types = torch.tensor([t for _, tt in items for t in tt], dtype=torch.int64)
             kwargs["token_type_ids"] = types.unsqueeze(0).to(self.device)
+        from .families import takes_packed_kwargs
+
+        if not takes_packed_kwargs(self.model) and len(items) > 1 and not _takes(self.model, "position_ids"):
+            # transformers 4.x DistilBERT task models take neither packed keywords nor position_ids:
+            # one forward per sequence (only score() reaches here; encode() runs the base model).
+            logits = [self._run_packed([item])[0].logits for item in items]
+            return SimpleNamespace(logits=torch.cat(logits)), cu, lengths
+        if not takes_packed_kwargs(self.model):
+            # transformers 4.x task models pass no extra keywords on: the restarting position_ids
+            # alone mark the sequences (the model derives the offsets from them).
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "validate_inputs"):
+                del kwargs[key]
+            if len(items) == 1:  # no restart to detect: one plain unpadded row, default positions
+                del kwargs["position_ids"]
         out = self.model(**kwargs, return_dict=True)
         return out, cu, lengths
 

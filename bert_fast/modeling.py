@@ -51,8 +51,10 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from . import _plan
+from . import cuda_graphs as _cuda_graphs
 from ._inputs import PACKED_KWARGS, check_config, is_packed_by_position_ids, validate_packed, validate_padded
-from ._optimize import _check_name, check_backend, is_optimized, optimize, revert
+from ._optimize import _FIRST_TOKEN_HEAD, _check_name, check_backend, fam_check_config, is_optimized, optimize, revert
+from .families import FAMILIES, Family, LayerParts, family_of
 
 __all__ = [
     "BertModel",
@@ -70,6 +72,8 @@ __all__ = [
 ]
 
 _warned: set[str] = set()
+#: transformers 4.x (its models' tuple outputs differ in one place: see the end of forward)
+_TF4 = int(transformers.__version__.split(".")[0]) < 5
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -78,73 +82,94 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _family(model) -> Family:
+    fam = family_of(model)
+    if fam is None:  # pragma: no cover - the fast classes are only ever made for supported bases
+        raise TypeError(f"bert_fast: {type(model).__name__} is not a supported encoder")
+    return fam
+
+
+def _check_types(fam: Family, token_type_ids) -> None:
+    if token_type_ids is not None and not fam.has_token_types:
+        raise ValueError(
+            f"token_type_ids given, but {fam.name} models have no token type embeddings; drop the argument"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The packed forward
 # --------------------------------------------------------------------------------------------------
 
 
-def _dense_residual_layer_norm(plan, block, h: torch.Tensor, residual: torch.Tensor, training: bool):
+def _dense_residual_layer_norm(plan, dense, dropout, ln, h: torch.Tensor, residual: torch.Tensor, training: bool):
     """HF's ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(h)) + residual)``.
 
-    In eval (or with dropout 0) the GEMM runs without its bias, which is fused into the LayerNorm
-    op; with active dropout, which sits between the biased projection and the residual add, the
-    bias stays in the GEMM.
+    In eval (or with dropout 0, or no dropout module) the GEMM runs without its bias, which is fused
+    into the LayerNorm op; with active dropout, which sits between the biased projection and the
+    residual add, the bias stays in the GEMM.
     """
-    dense, ln = block.dense, block.LayerNorm
-    if training and block.dropout.p > 0:
-        h = block.dropout(plan.linear(h, dense.weight, dense.bias, None))
+    if training and dropout is not None and dropout.p > 0:
+        h = dropout(plan.linear(h, dense.weight, dense.bias, None))
         return plan.layer_norm(h, ln.weight, ln.bias, ln.eps, None, residual)
     h = plan.linear(h, dense.weight, None, _plan.packer(dense, dense.weight))
     return plan.layer_norm(h, ln.weight, ln.bias, ln.eps, dense.bias, residual)
 
 
-def _layer_forward(plan, layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, act: str, training: bool):
-    attn = layer.attention
-    sa = attn.self
+def _layer_forward(plan, p: LayerParts, x: torch.Tensor, cu_seqlens, max_seqlen: int, head_dim: int, act: str,
+                   training: bool):
+    """One post-LayerNorm encoder layer; ``p`` names its modules (:meth:`bert_fast.families.Family.layer`)."""
     n = x.shape[0]
-    heads, head_dim = sa.num_attention_heads, sa.attention_head_size
+    heads = p.query.weight.shape[0] // head_dim  # pruned heads shrink the projections, not head_dim
 
-    w_qkv, b_qkv = _plan.fused_qkv(sa)
-    qkv = plan.linear(x, w_qkv, b_qkv, _plan.packer(sa, w_qkv))
+    w_qkv, b_qkv = _plan.fused_qkv(p.attn, p.query, p.key, p.value)
+    qkv = plan.linear(x, w_qkv, b_qkv, _plan.packer(p.attn, w_qkv))
     q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
-    dropout = sa.dropout.p if training else 0.0
-    ctx = plan.attention(q, k, v, cu_seqlens, max_seqlen, sa.scaling, dropout).view(n, heads * head_dim)
+    dropout = p.attn_dropout if training else 0.0
+    ctx = plan.attention(q, k, v, cu_seqlens, max_seqlen, head_dim**-0.5, dropout).view(n, heads * head_dim)
 
-    x = _dense_residual_layer_norm(plan, attn.output, ctx, x, training)
+    x = _dense_residual_layer_norm(plan, p.attn_out, p.attn_out_dropout, p.attn_ln, ctx, x, training)
 
-    inter = layer.intermediate.dense
+    inter = p.ffn_up
     h = plan.linear(x, inter.weight, None, _plan.packer(inter, inter.weight))
     h = plan.bias_act(h, inter.bias, act)
 
-    return _dense_residual_layer_norm(plan, layer.output, h, x, training)
+    return _dense_residual_layer_norm(plan, p.ffn_down, p.ffn_dropout, p.ffn_ln, h, x, training)
 
 
 def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int, unpack, output_hidden_states: bool):
     """Embedding dropout, the layers, and the (unpacked) hidden states; returns (last, all or None)."""
     training = model.training
+    fam, config = _family(model), model.config
     if training:
         x = model.embeddings.dropout(x)
+    project = getattr(model, "embeddings_project", None)  # ELECTRA: embedding_size -> hidden_size
+    if project is not None:
+        x = plan.linear(x, project.weight, project.bias, _plan.packer(project, project.weight))
     all_hidden = [unpack(x)] if output_hidden_states else None
+    head_dim = config.hidden_size // config.num_attention_heads
     checkpointing = training and torch.is_grad_enabled()
-    for layer in model.encoder.layer:
+    for layer in fam.layers(model):
+        parts = fam.layer(layer, config)
         if checkpointing and getattr(layer, "gradient_checkpointing", False):
             # HF's activation checkpointing (``gradient_checkpointing_enable()`` sets the flag and the
             # function on every layer): the layer's own function (torch.utils.checkpoint, non-reentrant
             # by default, RNG state preserved so dropout masks repeat in the recomputation) wraps our
             # layer; only its input is kept, everything inside is recomputed in backward.
             fn = functools.partial(
-                _layer_forward, plan, layer, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, act=act, training=training
-            )
+                _layer_forward, plan, parts, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, head_dim=head_dim,
+                act=act, training=training,
+            )  # fmt: skip
             x = layer._gradient_checkpointing_func(fn, x)
         else:
-            x = _layer_forward(plan, layer, x, cu_seqlens, max_seqlen, act, training)
+            x = _layer_forward(plan, parts, x, cu_seqlens, max_seqlen, head_dim, act, training)
         if all_hidden is not None:
             all_hidden.append(unpack(x))
     sequence_output = all_hidden[-1] if all_hidden is not None else unpack(x)
     return sequence_output, (tuple(all_hidden) if all_hidden is not None else None)
 
 
-def _embed(plan, emb, input_ids, position_ids, token_type_ids, inputs_embeds):
+def _embed(plan, model, input_ids, position_ids, token_type_ids, inputs_embeds):
+    emb = model.embeddings
     ln = emb.LayerNorm
     return plan.embed(
         input_ids,
@@ -152,12 +177,34 @@ def _embed(plan, emb, input_ids, position_ids, token_type_ids, inputs_embeds):
         token_type_ids,
         emb.word_embeddings.weight,
         emb.position_embeddings.weight,
-        emb.token_type_embeddings.weight,
+        _family(model).type_table(emb),
         ln.weight,
         ln.bias,
         ln.eps,
         inputs_embeds,
     )
+
+
+def _embed_encode(
+    model, plan, act: str, ids, pos, types, embeds, cu_seqlens, max_seqlen: int, unpack, output_hidden_states: bool
+):
+    """Embeddings + LayerNorm and the layers on packed tokens; returns (last, all or None).
+
+    Replayed from a captured CUDA graph when :mod:`bert_fast.cuda_graphs` serves the call.
+    """
+    if _cuda_graphs.OPTION in model.__dict__:
+
+        def encode(ids, pos, types, embeds, cu_seqlens, max_seqlen):
+            x = _embed(plan, model, ids, pos, types, embeds)
+            return _encode(model, plan, act, x, cu_seqlens, max_seqlen, lambda t: t, False)[0]
+
+        x = _cuda_graphs.encode_packed(
+            model, plan, encode, ids, pos, types, embeds, cu_seqlens, max_seqlen, output_hidden_states
+        )
+        if x is not None:
+            return unpack(x), None
+    x = _embed(plan, model, ids, pos, types, embeds)
+    return _encode(model, plan, act, x, cu_seqlens, max_seqlen, unpack, output_hidden_states)
 
 
 def _packed_forward(
@@ -170,9 +217,13 @@ def _packed_forward(
     output_hidden_states: bool,
 ):
     config = model.config
-    act = check_config(config)
+    fam = _family(model)
+    act = fam_check_config(fam, config)
     emb = model.embeddings
     device = emb.word_embeddings.weight.device
+    _check_types(fam, token_type_ids)
+    if position_ids is None:
+        position_ids = fam.padded_positions(config, emb, input_ids, inputs_embeds)
     batch, seq_len, position_ids, valid = validate_padded(
         config, emb.position_ids, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
     )
@@ -185,7 +236,7 @@ def _packed_forward(
         max_seqlen = seq_len
     else:
         indices, cu_seqlens, max_seqlen = plan.unpad_mask(valid)
-        if valid.shape[1] and not bool(valid[:, 0].all()) and model.pooler is not None:
+        if valid.shape[1] and not bool(valid[:, 0].all()) and getattr(model, "pooler", None) is not None:
             _warn_once(
                 "pooler-first-token-padding",
                 "bert_fast: some rows start with a padding token; pooler_output of those rows is computed from "
@@ -198,15 +249,17 @@ def _packed_forward(
         flat = t.reshape(batch * seq_len, *t.shape[2:])
         return flat if indices is None else plan.gather_rows(flat, indices)
 
-    x = _embed(plan, emb, pack(input_ids), pack(position_ids), pack(token_type_ids), pack(inputs_embeds))
-
     def unpack(t: torch.Tensor) -> torch.Tensor:
         if indices is not None:
             t = plan.scatter_rows(t, indices, batch * seq_len)
         return t.view(batch, seq_len, -1)
 
-    sequence_output, hidden = _encode(model, plan, act, x, cu_seqlens, max_seqlen, unpack, output_hidden_states)
-    pooled = model.pooler(sequence_output) if model.pooler is not None else None
+    sequence_output, hidden = _embed_encode(
+        model, plan, act, pack(input_ids), pack(position_ids), pack(token_type_ids), pack(inputs_embeds),
+        cu_seqlens, max_seqlen, unpack, output_hidden_states,
+    )  # fmt: skip
+    pooler = getattr(model, "pooler", None)
+    pooled = pooler(sequence_output) if pooler is not None else None
     return sequence_output, pooled, hidden
 
 
@@ -227,29 +280,45 @@ def _packed_input_forward(
     (1, T, H); the pooler reads each sequence's first token, so ``pooler_output`` is (num_seqs, H).
     """
     config = model.config
-    act = check_config(config)
+    fam = _family(model)
+    act = fam_check_config(fam, config)
     emb = model.embeddings
     device = emb.word_embeddings.weight.device
+    _check_types(fam, token_type_ids)
+    head = model.__dict__.get(_FIRST_TOKEN_HEAD)
+    if head not in (None, "first"):
+        raise NotImplementedError(
+            f"packed input (cu_seq_lens_q/k) is not supported for this task model's head ({head}): it pools "
+            "outside the encoder; pass padded input"
+        )
     total, position_ids, cu_seqlens, max_seqlen = validate_packed(
         config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, packed, validate
     )
+    # RoBERTa family: the per-sequence index becomes HF's padded position rule (bert_fast.families).
+    position_ids = fam.packed_positions(config, input_ids, position_ids, validate)
     plan = _plan.plan_for(model)
 
     def flat(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.reshape(total, *t.shape[2:])
 
-    x = _embed(plan, emb, flat(input_ids), position_ids, flat(token_type_ids), flat(inputs_embeds))
-    sequence_output, hidden = _encode(
-        model, plan, act, x, cu_seqlens, max_seqlen, lambda t: t.view(1, total, -1), output_hidden_states
-    )
+    sequence_output, hidden = _embed_encode(
+        model, plan, act, flat(input_ids), position_ids, flat(token_type_ids), flat(inputs_embeds), cu_seqlens,
+        max_seqlen, lambda t: t.view(1, total, -1), output_hidden_states,
+    )  # fmt: skip
     pooled = None
-    if model.pooler is not None:
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None or head == "first":
         starts = cu_seqlens[:-1].long()
         # An empty sequence (two equal offsets) has no first token: it pools the zero vector, as an
         # all-padding row of padded input does. No host synchronization.
         nonempty = (cu_seqlens[1:] > cu_seqlens[:-1]).unsqueeze(1)
-        first = sequence_output[0].index_select(0, starts.clamp(max=total - 1)) * nonempty
-        pooled = model.pooler(first.unsqueeze(1))
+        first = (sequence_output[0].index_select(0, starts.clamp(max=total - 1)) * nonempty).unsqueeze(1)
+        if pooler is not None:
+            pooled = pooler(first)
+        if head == "first":
+            # The task head reads position 0 of every row outside the encoder: hand it one row per
+            # sequence, (num_seqs, 1, H), so it gives one prediction per packed sequence.
+            sequence_output = first
     return sequence_output, pooled, hidden
 
 
@@ -290,8 +359,14 @@ class _FastBertMixin:
         # A loss argument HF Trainer passes to models whose forward takes **kwargs; the BERT task
         # heads pass it down to the encoder, where HF's own forward ignores it too.
         kwargs.pop("num_items_in_batch", None)
+        # transformers 4.x task heads pass these explicitly, as None.
+        for name in ("head_mask", "cache_position", "past_key_values_length"):
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
         reason = None
-        if output_attentions:
+        if kwargs.get("head_mask") is not None:
+            reason = "head_mask masks attention heads, which fused attention does not support"
+        elif output_attentions:
             reason = "output_attentions=True needs the attention probabilities, which fused attention never forms"
         elif encoder_hidden_states is not None or encoder_attention_mask is not None or past_key_values is not None:
             reason = "encoder_hidden_states / past_key_values are decoder features"
@@ -310,17 +385,22 @@ class _FastBertMixin:
             impl = getattr(config, "_attn_implementation", None)
             if output_attentions and impl not in (None, "eager"):
                 config._attn_implementation = "eager"
+            given = dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+            # Only what the caller gave: not every family's forward takes every BERT argument.
+            given = {k: v for k, v in given.items() if v is not None}
             try:
                 return self._bert_fast_reference_forward(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    token_type_ids=token_type_ids,
-                    position_ids=position_ids,
-                    inputs_embeds=inputs_embeds,
-                    encoder_hidden_states=encoder_hidden_states,
-                    encoder_attention_mask=encoder_attention_mask,
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
+                    **given,
                     output_attentions=output_attentions,
                     output_hidden_states=output_hidden_states,
                     return_dict=return_dict,
@@ -341,10 +421,18 @@ class _FastBertMixin:
             seq, pooled, hidden = _packed_forward(
                 self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
             )
-        out = BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden
-        )
-        return out if return_dict else out.to_tuple()
+        fam = _family(self)
+        if fam.output == "BaseModelOutputWithPoolingAndCrossAttentions":
+            out = BaseModelOutputWithPoolingAndCrossAttentions(
+                last_hidden_state=seq, pooler_output=pooled, hidden_states=hidden
+            )
+        else:  # no pooler in this family
+            out = fam.output_class()(last_hidden_state=seq, hidden_states=hidden)
+        if return_dict:
+            return out
+        if pooled is None and _TF4 and fam.output == "BaseModelOutputWithPoolingAndCrossAttentions":
+            return (seq, None) + out.to_tuple()[1:]  # transformers 4.x keeps the missing pooler's None
+        return out.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,27 +441,30 @@ class _FastBertMixin:
 
 
 class _DropIn:
-    """Shared by the drop-in classes: ``backend=`` in the constructor and in ``from_pretrained``."""
+    """Shared by the drop-in classes: ``backend=`` and ``cuda_graphs=`` in the constructor and in
+    ``from_pretrained``."""
 
     @classmethod
-    def from_pretrained(
-        cls, *args, backend: str | None = None, sparse_prediction: bool | None = None, **kwargs
-    ):  # type: ignore[override]
+    def from_pretrained(  # type: ignore[override]
+        cls, *args, backend: str | None = None, cuda_graphs: bool = False, sparse_prediction: bool | None = None,
+        **kwargs,
+    ):
         if backend is not None:
             _check_name(backend)
         model = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
-        optimize(model, backend=backend, sparse_prediction=sparse_prediction)
+        optimize(model, backend=backend, cuda_graphs=cuda_graphs, sparse_prediction=sparse_prediction)
         return model
 
 
 class BertModel(_FastBertMixin, _DropIn, transformers.BertModel):
     """``transformers.BertModel`` with bert_fast's forward. Same weights, same outputs."""
 
-    def __init__(self, config, *args, backend: str | None = None, **kwargs):
+    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
         check_config(config)
         super().__init__(config, *args, **kwargs)
         self.__dict__["_bert_fast_backend"] = None if backend is None else _check_name(backend)
         check_backend(self, backend)
+        _cuda_graphs.set_option(self, cuda_graphs)
 
 
 class _SparseMLMMixin:
@@ -436,15 +527,41 @@ def _sparse_forward_for(base: type):
     return forward
 
 
-def _task_class(base: type) -> type:
+def _base_class(base: type) -> type:
+    """The drop-in base model of a family (``RobertaModel``, ``ElectraModel``, ...), as ``BertModel``."""
+    fam = family_of(base)
+
+    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
+        fam_check_config(fam, config)
+        base.__init__(self, config, *args, **kwargs)
+        self.__dict__["_bert_fast_backend"] = None if backend is None else _check_name(backend)
+        check_backend(self, backend)
+        _cuda_graphs.set_option(self, cuda_graphs)
+
+    return type(
+        base.__name__,
+        (_FastBertMixin, _DropIn, base),
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__doc__": f"``transformers.{base.__name__}`` with bert_fast's forward. Same weights, same outputs.",
+        },
+    )
+
+
+def _task_class(base: type, fam: Family | None = None) -> type:
     sparse = base in (transformers.BertForMaskedLM, transformers.BertForPreTraining)
 
     def __init__(
-        self, config, *args, backend: str | None = None, sparse_prediction: bool | None = None, **kwargs
-    ):
-        check_config(config)
+        self, config, *args, backend: str | None = None, cuda_graphs: bool = False,
+        sparse_prediction: bool | None = None, **kwargs,
+    ):  # fmt: skip
+        if fam is None:
+            check_config(config)
+        else:
+            fam_check_config(fam, config)
         base.__init__(self, config, *args, **kwargs)
-        optimize(self, backend=backend, sparse_prediction=sparse_prediction)
+        optimize(self, backend=backend, cuda_graphs=cuda_graphs, sparse_prediction=sparse_prediction)
 
     return type(
         base.__name__,
@@ -465,3 +582,27 @@ BertForSequenceClassification = _task_class(transformers.BertForSequenceClassifi
 BertForTokenClassification = _task_class(transformers.BertForTokenClassification)
 BertForQuestionAnswering = _task_class(transformers.BertForQuestionAnswering)
 BertForMultipleChoice = _task_class(transformers.BertForMultipleChoice)
+
+
+#: transformers base class -> its drop-in (``optimize`` switches an instance's class to it).
+DROP_IN_BASES: dict[type, type] = {transformers.BertModel: BertModel}
+
+
+def _make_family_classes() -> list[str]:
+    """The drop-in classes of every non-BERT family present in this transformers version."""
+    names = []
+    for fam in FAMILIES:
+        for name in fam.classes:
+            hf_cls = getattr(transformers, name, None)
+            if hf_cls is None:
+                continue
+            cls = _base_class(hf_cls) if name == fam.base else _task_class(hf_cls, fam)
+            if name == fam.base:
+                DROP_IN_BASES[hf_cls] = cls
+            globals()[name] = cls
+            names.append(name)
+    return names
+
+
+FAMILY_CLASSES = _make_family_classes()
+__all__ += FAMILY_CLASSES

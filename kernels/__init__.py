@@ -16,6 +16,7 @@ import sys as _sys
 # Under any other name it is replaced by an empty module without ``__file__``, which transformers
 # reads as "not installed".
 if __name__ == "bert_fast.kernels":
+    from . import _backend
     from ._backend import BACKENDS, BackendUnavailableError, requested_backend, use_backend
     from .activation import ACTIVATIONS, HF_ACTIVATIONS, bias_act, bias_act_ref
     from .attention import varlen_attention, varlen_attention_ref
@@ -23,6 +24,11 @@ if __name__ == "bert_fast.kernels":
     from .layer_norm import bias_residual_layer_norm, bias_residual_layer_norm_ref
     from .linear import linear, linear_ref, prepack_weight
     from .padding import gather_rows, gather_rows_ref, scatter_rows, scatter_rows_ref, unpad_mask, unpad_mask_ref
+
+    # Load the C++ extension now (a shared library on the CPU; no GPU query): its ops get their fake
+    # implementations at load, so torch.ops.bert_fast.* trace under torch.compile and pass opcheck even
+    # when called directly, before any public functional has run. Not built: nothing happens here.
+    _backend.load_cpp_extension()
 else:
     _sys.modules[__name__] = type(_sys)(__name__)
 

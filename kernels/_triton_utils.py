@@ -117,14 +117,32 @@ def row_configs(block: int) -> list:
 INTERPRET_ROW_WARPS = 4
 
 
-@functools.cache
-def autotuned(kernel: Callable, key: tuple[str, ...], configs_fn: Callable, *bucket: object) -> Callable:
+#: Smallest row-count bucket of the autotune keys.
+MIN_ROWS_BUCKET = 64
+
+
+def rows_bucket(rows: int) -> int:
+    """The autotune bucket of a launch's row (token) count: the next power of two, at least 64."""
+    return max(MIN_ROWS_BUCKET, next_power_of_2(rows))
+
+
+def autotuned(
+    kernel: Callable, key: tuple[str, ...], configs_fn: Callable, *bucket: object, rows: int | None = None
+) -> Callable:
     """``triton.autotune(configs_fn(*bucket), key)(kernel)``, built on first use and cached per bucket.
 
     ``bucket`` holds the launcher's compile-time choices the configs depend on (row block, head
     dim); ``key`` names the runtime arguments whose values select a tuned config (Triton also adds
-    the dtypes of all tensor arguments to the key).
+    the dtypes of all tensor arguments to the key). ``rows``: the launch's row (token) count; each
+    log2 bucket of it (:func:`rows_bucket`) gets its own autotuner, i.e. the row bucket is part of
+    the tuning key, so a config tuned on a batch-1 warm-up is not reused for a 4096-token batch
+    (and a CUDA-graph warm-up at a bucket's exact size tunes what its capture will launch).
     """
+    return _autotuner(kernel, tuple(key), configs_fn, bucket, None if rows is None else rows_bucket(rows))
+
+
+@functools.cache
+def _autotuner(kernel: Callable, key: tuple[str, ...], configs_fn: Callable, bucket: tuple, rows: int | None):
     return triton.autotune(configs=configs_fn(*bucket), key=list(key))(kernel)
 
 

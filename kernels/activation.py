@@ -160,7 +160,7 @@ def _bias_act_fwd_impl(x: torch.Tensor, bias: torch.Tensor | None, activation: s
             grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
             _bias_act_fwd_kernel[grid](*args, **flags, **cfg, num_warps=4)
         else:
-            kernel = _tu.autotuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs)
+            kernel = _tu.autotuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs, rows=n_rows)
 
             def grid(meta):
                 return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))

@@ -308,7 +308,9 @@ def _varlen_attention_fwd_impl(
         kernel, cfg = _varlen_attention_fwd_kernel, dict(_INTERPRET_ATTENTION, num_warps=4)
     else:
         kernel, cfg = (
-            _tu.autotuned(_varlen_attention_fwd_kernel, ("seqlen_bucket", "HEAD_DIM"), _attention_configs, d_pad, fp32),
+            _tu.autotuned(
+                _varlen_attention_fwd_kernel, ("seqlen_bucket", "HEAD_DIM"), _attention_configs, d_pad, fp32, rows=total
+            ),
             {},
         )
     seqs_per_launch = max(1, _MAX_GRID_Y // heads)

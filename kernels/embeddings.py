@@ -247,7 +247,7 @@ def _embed_layer_norm_fwd_impl(
         if _tu.interpreting():
             _embed_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
         else:
-            kernel = _tu.autotuned(_embed_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
+            kernel = _tu.autotuned(_embed_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block, rows=n_rows)
             kernel[(n_rows,)](*args, **flags)
     return y
 

@@ -181,7 +181,9 @@ def _layer_norm_launch(x2, weight, bias, eps, linear_bias, residual2, y) -> None
         if _tu.interpreting():
             _bias_residual_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
         else:
-            kernel = _tu.autotuned(_bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block)
+            kernel = _tu.autotuned(
+                _bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block, rows=n_rows
+            )
             kernel[(n_rows,)](*args, **flags)
 
 

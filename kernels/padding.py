@@ -41,7 +41,7 @@ def gather_rows_ref(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def scatter_rows_ref(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
     """(N, H) -> (num_rows, H): row ``indices[i]`` gets ``x[i]``; every other row is zero."""
     out = x.new_zeros((num_rows, *x.shape[1:]))
-    return out.index_copy(0, indices, x)
+    return out.index_copy(0, indices.long(), x)  # index_copy takes int64 only; gather/scatter accept int32 too
 
 
 def _fake_unpad_mask(mask):

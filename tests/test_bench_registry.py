@@ -193,3 +193,14 @@ def test_bench_import_does_not_touch_cuda():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_compile_providers_lift_the_recompile_limit():
+    # Every compiled HF model shares BertModel.forward: dynamo's default limit (8 recompiles) would
+    # make later cells run eagerly while reported as compiled.
+    import torch._dynamo.config as dynamo_config
+
+    base, _, _ = bench.load_base_model("tiny", CPU, seed=0)
+    prov = bench.build_provider("hf-sdpa-compile", bench.Context(base, base, CPU, "fp32"))  # compiles lazily
+    assert prov.error is None and prov.call is not None
+    assert dynamo_config.recompile_limit >= bench.providers.RECOMPILE_LIMIT

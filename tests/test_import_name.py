@@ -28,3 +28,26 @@ def test_checkout_root_on_path_does_not_import_kernels_twice():
     proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+_RAW_OPS_PROBE = """
+import torch
+import bert_fast.kernels as K
+if K._backend.load_cpp_extension() is None:
+    print("skip: extension not built")
+    raise SystemExit(0)
+import bert_fast._C  # noqa: F401
+# a raw op, before any public functional ran: its fake must already be registered
+torch.library.opcheck(torch.ops.bert_fast.bias_act.default, (torch.randn(3, 4), None, "gelu"))
+print("ok")
+"""
+
+
+def test_raw_cpp_ops_have_fakes_right_after_import():
+    proc = subprocess.run([sys.executable, "-c", _RAW_OPS_PROBE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.stdout.startswith("skip"):
+        import pytest
+
+        pytest.skip(proc.stdout.strip())
+    assert proc.stdout.strip().endswith("ok")

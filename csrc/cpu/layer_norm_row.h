@@ -2,7 +2,9 @@
 // goes into an fp32 scratch row (which stays in L1), the statistics are computed from it in fp32
 // (mean, then the biased variance as the mean of squared deviations: two passes over the cached
 // row, no cancellation), and the normalized row is written once in the output dtype. Parameters
-// are read as fp32.
+// are read as fp32. The statistics are shifted by the row's first element: for a constant row the
+// deviations are then exactly zero (an unshifted fp32 sum rounds, and with eps = 1e-12 the ~1e6
+// rstd would amplify that rounding to O(0.1)); the Triton kernel and PyTorch's LayerNorm do the same.
 #pragma once
 
 #include <cmath>
@@ -16,7 +18,14 @@ namespace bert_fast {
 template <typename T>
 inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const float* w, const float* bias, float eps,
                    T* y, int64_t H, float* buf) {
-  // pass 1: the summed row into buf (fp32), and its sum
+  // the shift: the summed first element, added in the same order as the vector code below (bit-equal
+  // to buf[0])
+  float first = static_cast<float>(a[0]);
+  if (lb) first += lb[0];
+  if (b) first += static_cast<float>(b[0]);
+  if (c) first += static_cast<float>(c[0]);
+  const Vec vshift(first);
+  // pass 1: the summed row into buf (fp32), and the sum of its shifted values
   Vec acc(0.f), acc_b(0.f);
   int64_t j = 0;
   for (; j + 2 * kVec <= H; j += 2 * kVec) {
@@ -37,25 +46,28 @@ inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const fl
       h1 = h1 + t1;
     }
     store2_f(buf + j, h0, h1);
-    acc = acc + h0;
-    acc_b = acc_b + h1;
+    acc = acc + (h0 - vshift);
+    acc_b = acc_b + (h1 - vshift);
   }
   for (; j < H; j += kVec) {
     const int64_t n = std::min(kVec, H - j);
-    Vec h = load_f(a + j, n);  // lanes past n are zero, so they add nothing to the sum
+    Vec h = load_f(a + j, n);
     if (lb) h = h + load_f(lb + j, n);
     if (b) h = h + load_f(b + j, n);
     if (c) h = h + load_f(c + j, n);
     store_f(buf + j, h, n);
-    acc = acc + h;
+    Vec hs = h - vshift;
+    if (n < kVec) hs = Vec::set(Vec(0.f), hs, n);  // tail lanes would hold -shift
+    acc = acc + hs;
   }
-  const float mean = hsum(acc + acc_b) / static_cast<float>(H);
-  const Vec vmean(mean);
+  // mean = shift + vmean_s; every deviation below is (h - shift) - mean_s
+  const float mean_s = hsum(acc + acc_b) / static_cast<float>(H);
+  const Vec vmean(mean_s);
   // pass 2 (over the cached row): biased variance as the mean of squared deviations
   Vec acc2(0.f);
   for (j = 0; j < H; j += kVec) {
     const int64_t n = std::min(kVec, H - j);
-    Vec d = load_f(buf + j, n) - vmean;
+    Vec d = (load_f(buf + j, n) - vshift) - vmean;
     if (n < kVec) d = Vec::set(Vec(0.f), d, n);  // tail lanes would hold -mean
     acc2 = at::vec::fmadd(d, d, acc2);
   }
@@ -64,13 +76,14 @@ inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const fl
   // pass 3: normalize, scale, shift, one rounding to T
   j = 0;
   for (; j + 2 * kVec <= H; j += 2 * kVec) {
-    const Vec h0 = (Vec::loadu(buf + j) - vmean) * vrstd, h1 = (Vec::loadu(buf + j + kVec) - vmean) * vrstd;
+    const Vec h0 = ((Vec::loadu(buf + j) - vshift) - vmean) * vrstd;
+    const Vec h1 = ((Vec::loadu(buf + j + kVec) - vshift) - vmean) * vrstd;
     store2_f(y + j, at::vec::fmadd(h0, Vec::loadu(w + j), Vec::loadu(bias + j)),
              at::vec::fmadd(h1, Vec::loadu(w + j + kVec), Vec::loadu(bias + j + kVec)));
   }
   for (; j < H; j += kVec) {
     const int64_t n = std::min(kVec, H - j);
-    const Vec hn = (load_f(buf + j, n) - vmean) * vrstd;
+    const Vec hn = ((load_f(buf + j, n) - vshift) - vmean) * vrstd;
     store_f(y + j, at::vec::fmadd(hn, load_f(w + j, n), load_f(bias + j, n)), n);
   }
 }

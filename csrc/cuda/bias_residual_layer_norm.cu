@@ -15,16 +15,14 @@ __global__ void bias_residual_layer_norm_kernel(const T* __restrict__ x, int64_t
   const int64_t r = blockIdx.x;
   const T* xr = x + r * ldx;
   const T* rr = residual ? residual + r * ldr : nullptr;
-  float local = 0.f;
   for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
     float h = to_f(xr[j]);
     if (linear_bias) h += linear_bias[j];  // HF's order: (x + linear_bias) + residual
     if (rr) h += to_f(rr[j]);
     row[j] = h;
-    local += h;
   }
   float mean, rstd;
-  row_stats(row, H, eps, local, shared32, mean, rstd);
+  row_stats(row, H, eps, shared32, mean, rstd);
   write_normalized(row, H, mean, rstd, weight, bias, y + r * H);
 }
 

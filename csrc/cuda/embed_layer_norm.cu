@@ -36,14 +36,12 @@ __global__ void embed_layer_norm_kernel(const int64_t* __restrict__ input_ids, c
   const T* a = inputs_embeds ? inputs_embeds + t * lde : word + wid * ldw;
   const T* tr = type + tid * ldt;
   const T* pr = pos + pid * ldp;
-  float local = 0.f;
   for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
     const float h = (to_f(a[j]) + to_f(tr[j])) + to_f(pr[j]);  // (word + type) + position
     row[j] = h;
-    local += h;
   }
   float mean, rstd;
-  row_stats(row, H, eps, local, shared32, mean, rstd);
+  row_stats(row, H, eps, shared32, mean, rstd);
   write_normalized(row, H, mean, rstd, weight, bias, yr);
 }
 

@@ -1,7 +1,9 @@
 // One LayerNorm row per block on CUDA, shared by bias_residual_layer_norm.cu and
 // embed_layer_norm.cu: the summed row is kept in shared memory as fp32 (hidden <= kMaxHidden), the
 // mean and the biased variance (mean of squared deviations, a second pass over shared memory: no
-// cancellation) are block reductions in fp32, and the normalized row is written once.
+// cancellation) are block reductions in fp32, and the normalized row is written once. The mean is
+// taken of the row shifted by its first element, so a constant row has exactly zero deviations (an
+// unshifted fp32 sum rounds, and eps = 1e-12 makes rstd ~1e6, which would amplify that to O(0.1)).
 #pragma once
 
 #include "common.cuh"
@@ -10,10 +12,14 @@ namespace bert_fast_cuda {
 
 constexpr int64_t kMaxHidden = 12288;  // 48 KiB of fp32 shared memory
 
-// mean and rstd of the fp32 row in shared memory; local_sum: this thread's part of the row's sum.
-__device__ __forceinline__ void row_stats(const float* row, int64_t H, float eps, float local_sum, float* shared32,
-                                          float& mean, float& rstd) {
-  mean = block_sum(local_sum, shared32) / static_cast<float>(H);
+// mean and rstd of the fp32 row in shared memory (every thread has written its part of it).
+__device__ __forceinline__ void row_stats(const float* row, int64_t H, float eps, float* shared32, float& mean,
+                                          float& rstd) {
+  __syncthreads();  // row[0] was written by thread 0
+  const float shift = row[0];
+  float local = 0.f;
+  for (int64_t j = threadIdx.x; j < H; j += blockDim.x) local += row[j] - shift;
+  mean = shift + block_sum(local, shared32) / static_cast<float>(H);  // == shift exactly for a constant row
   float sq = 0.f;
   for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
     const float d = row[j] - mean;

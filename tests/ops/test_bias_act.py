@@ -57,9 +57,10 @@ def test_activations_are_the_documented_set():
 def test_matches_reference(backend, device, dtype, activation, cols, with_bias):
     if cols == 3072 and backend == "triton" and device == "cpu":
         pytest.skip("3072-wide rows take seconds each under the Triton interpreter; the gpu tier runs them")
-    # 33 (cpp) or 21 rows in a 3-D tensor: partial row tiles; 148 = 37 * 4 columns: a partly masked
+    # 33 (cpp) or 21 rows in a 3-D tensor (7 at BERT's 3072): partial row tiles; 148 = 37 * 4 columns: a partly masked
     # column tile. Values up to ~|30| reach the saturated tails of both GELUs.
-    x = (torch.randn(3, 11 if backend == "cpp" else 7, cols, device=device) * 4).to(dtype)
+    rows = (3, 11 if backend == "cpp" else 7) if cols < 3072 else (1, 7)
+    x = (torch.randn(*rows, cols, device=device) * 4).to(dtype)
     x[0, 0, :4] = torch.tensor([30.0, -30.0, 0.0, -12.0])
     bias = torch.randn(cols, device=device).to(dtype) if with_bias else None
     ours = _run(backend, x, bias, activation)
@@ -85,6 +86,7 @@ def test_extreme_values_and_nan(backend, device):
         assert torch.isnan(_run(backend, nan, None, act)[0, 0]), f"{backend} {act}: NaN must propagate"
 
 
+@pytest.mark.backends("torch", "cpp")  # determinism on CPU (the fuzz tests check every backend)
 def test_identical_calls_are_bitwise_equal(backend, device):
     x, bias = torch.randn(37, 312, device=device) * 3, torch.randn(312, device=device)
     first = _run(backend, x, bias, "gelu")
@@ -183,8 +185,10 @@ def test_fuzz(backend, device):
         with_bias=st.booleans(),
         sliced=st.booleans(),
         scale=st.sampled_from([0.1, 3.0, 50.0]),
+        seed=st.integers(0, 2**31 - 1),
     )
-    def case(lead, cols, dtype, activation, with_bias, sliced, scale):
+    def case(lead, cols, dtype, activation, with_bias, sliced, scale, seed):
+        torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
         if sliced:
             x = (torch.randn(*lead, cols + 6, device=device) * scale).to(dtype)[..., 3 : 3 + cols]
         else:

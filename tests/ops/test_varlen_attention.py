@@ -123,6 +123,7 @@ def test_only_empty_and_single_token_batches(backend, device):
     assert_close_fp32(_run(backend, q, k, v, cu, 1), v.contiguous(), FP32_OP_ATOL, f"{backend} length 1")
 
 
+@pytest.mark.backends("torch", "cpp")  # determinism on CPU (the fuzz tests check every backend)
 def test_identical_calls_are_bitwise_equal(backend, device):
     q, k, v, cu = packed_qkv((5, 0, 17, 1), 2, 32, torch.float32, device)
     first = _run(backend, q, k, v, cu, 17)
@@ -290,8 +291,10 @@ def test_fuzz(backend, device):
         layout=st.sampled_from(["fused", "contiguous", "transposed"]),
         offsets_int64=st.booleans(),
         scale=st.sampled_from([None, 0.05, 1.0]),
+        seed=st.integers(0, 2**31 - 1),
     )
-    def case(lens, heads, d, dtype, layout, offsets_int64, scale):
+    def case(lens, heads, d, dtype, layout, offsets_int64, scale, seed):
+        torch.manual_seed(seed)  # tensors drawn from the example: a failure replays exactly
         q, k, v, cu = packed_qkv(lens, heads, d, dtype, device, layout)
         if offsets_int64:
             cu = cu.long()
