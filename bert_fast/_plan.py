@@ -10,9 +10,10 @@ requested backend that cannot serve one of the model's ops raises
 or construction for the model's device and dtype, or at the first forward after the model moved —
 naming the op and the reason.
 
-**Derived caches** (the fused QKV weight, oneDNN-prepacked weights, plans) live in a side table
-keyed weakly by the module, never in the module's ``__dict__``: ``copy.deepcopy``, pickling,
-``torch.save`` and ``state_dict`` never see them, and a copy builds its own on first use. Entries
+**Derived caches** (the fused QKV weight, oneDNN-prepacked weights, plans) live in one
+:class:`_Derived` table per module that copies, pickles and saves as empty: ``copy.deepcopy``,
+pickling, ``torch.save`` and ``state_dict`` never see what is in it (a oneDNN-prepacked weight
+cannot be copied or pickled), and a copy builds its own on first use. Entries
 are keyed by the identity and version of the tensors they derive from (a new Parameter, ``.to()``
 or an in-place update rebuilds them). Building is serialized by one lock, so threads racing on
 first use build an entry once; lookups take no lock.
@@ -21,7 +22,6 @@ first use build an entry once; lookups take no lock.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,31 +36,92 @@ from .kernels.layer_norm import OP as LAYER_NORM
 from .kernels.linear import OP as LINEAR
 from .kernels.padding import GATHER_ROWS, SCATTER_ROWS, UNPAD_MASK
 
-_tables: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
+
+#: Key of a module's derived caches in its ``__dict__``.
+_KEY = "_bert_fast_derived"
+
+
+class _Derived(dict):
+    """One module's derived caches. Never copied, pickled or saved: ``copy.deepcopy``, pickling and
+    ``torch.save`` of the module give an empty one (rebuilt on first use), and it is no Parameter or
+    buffer, so ``state_dict`` never sees it. Looked up with one dict access per use."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo) -> _Derived:
+        return _Derived()
+
+    def __reduce__(self):
+        return (_Derived, ())
+
+
+class _TablesView:
+    """``get`` / ``pop`` of a module's derived-cache table, by module."""
+
+    @staticmethod
+    def get(owner: torch.nn.Module, default=None):
+        return owner.__dict__.get(_KEY, default)
+
+    @staticmethod
+    def pop(owner: torch.nn.Module, default=None):
+        return owner.__dict__.pop(_KEY, default)
+
+
+_tables = _TablesView()
 
 
 def _table(owner: torch.nn.Module) -> dict[str, Any]:
-    table = _tables.get(owner)
+    table = owner.__dict__.get(_KEY)
     if table is None:
         with _lock:
-            table = _tables.get(owner)
+            table = owner.__dict__.get(_KEY)
             if table is None:
-                table = _tables[owner] = {}
+                table = owner.__dict__[_KEY] = _Derived()
     return table
+
+
+_epoch = [0]
+
+
+def _structure_changed(*args) -> None:
+    _epoch[0] += 1
+
+
+# Global registration hooks: any module anywhere (re)assigning a Parameter, buffer or submodule
+# bumps the epoch, which invalidates the per-layer lookups cached by the forward. Cheap (one
+# increment per registration), and only registrations, never forwards, run them.
+for _register in (
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+    torch.nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_structure_changed)
+
+
+def structure_epoch() -> int:
+    """Counter of Parameter / buffer / submodule (re)assignments in this process."""
+    return _epoch[0]
 
 
 def clear(owner: torch.nn.Module) -> None:
     """Drop every derived cache of ``owner`` and its submodules."""
     with _lock:
         for module in owner.modules():
-            _tables.pop(module, None)
+            module.__dict__.pop(_KEY, None)
 
 
 def _version_key(tensors) -> tuple:
-    # Inference tensors (made under torch.inference_mode) carry no version counter; their storage
-    # identity is the key then.
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+    """Storage address and in-place version of each tensor.
+
+    No dtype or device: the cache entry keeps the tensors' storages alive (see :func:`derived`), so
+    a tensor with another dtype or device always has another address. Inference tensors (made under
+    ``torch.inference_mode``) carry no version counter; their storage address is the key then.
+    """
+    try:
+        return tuple([(t.data_ptr(), t._version) for t in tensors])
+    except RuntimeError:
+        return tuple([(t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors])
 
 
 def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]) -> Any:
@@ -81,6 +142,13 @@ def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]
                 cached = (key, build(), tuple(t.detach() for t in tensors))
             table[name] = cached
     return cached[1]
+
+
+def fused_qkv_of(owner: torch.nn.Module, tensors: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_qkv` from the tensors ``(w_q, w_k, w_v, b_q, b_k, b_v)`` themselves."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.cat(tensors[:3]), torch.cat(tensors[3:])
+    return derived(owner, "qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
 
 
 def fused_qkv(self_attn: torch.nn.Module, q=None, k=None, v=None) -> tuple[torch.Tensor, torch.Tensor]:

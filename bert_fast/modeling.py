@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import transformers
@@ -101,7 +101,7 @@ def _check_types(fam: Family, token_type_ids) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _dense_residual_layer_norm(plan, dense, dropout, ln, h: torch.Tensor, residual: torch.Tensor, training: bool):
+def _dense_residual_layer_norm(plan, dense, w, b, dropout, ln_w, ln_b, eps, h, residual, training: bool):
     """HF's ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(h)) + residual)``.
 
     In eval (or with dropout 0, or no dropout module) the GEMM runs without its bias, which is fused
@@ -109,31 +109,77 @@ def _dense_residual_layer_norm(plan, dense, dropout, ln, h: torch.Tensor, residu
     residual add, the bias stays in the GEMM.
     """
     if training and dropout is not None and dropout.p > 0:
-        h = dropout(plan.linear(h, dense.weight, dense.bias, None))
-        return plan.layer_norm(h, ln.weight, ln.bias, ln.eps, None, residual)
-    h = plan.linear(h, dense.weight, None, _plan.packer(dense, dense.weight))
-    return plan.layer_norm(h, ln.weight, ln.bias, ln.eps, dense.bias, residual)
+        h = dropout(plan.linear(h, w, b, None))
+        return plan.layer_norm(h, ln_w, ln_b, eps, None, residual)
+    h = plan.linear(h, w, None, _plan.packer(dense, w))
+    return plan.layer_norm(h, ln_w, ln_b, eps, b, residual)
 
 
-def _layer_forward(plan, p: LayerParts, x: torch.Tensor, cu_seqlens, max_seqlen: int, head_dim: int, act: str,
+class _Layer(NamedTuple):
+    """One layer's modules and Parameters, looked up once (:func:`_layers`), not per forward."""
+
+    attn: torch.nn.Module  # owner of the fused QKV cache
+    qkv: tuple  # (w_q, w_k, w_v, b_q, b_k, b_v)
+    heads: int
+    attn_dropout: float
+    attn_out: torch.nn.Module
+    attn_out_w: torch.Tensor
+    attn_out_b: torch.Tensor
+    attn_out_dropout: torch.nn.Module | None
+    attn_ln: tuple  # (weight, bias, eps)
+    ffn_up: torch.nn.Module
+    ffn_up_w: torch.Tensor
+    ffn_up_b: torch.Tensor
+    ffn_down: torch.nn.Module
+    ffn_down_w: torch.Tensor
+    ffn_down_b: torch.Tensor
+    ffn_dropout: torch.nn.Module | None
+    ffn_ln: tuple
+
+
+def _prepare_layer(p: LayerParts, head_dim: int) -> _Layer:
+    return _Layer(
+        p.attn, (p.query.weight, p.key.weight, p.value.weight, p.query.bias, p.key.bias, p.value.bias),
+        p.query.weight.shape[0] // head_dim,  # pruned heads shrink the projections, not head_dim
+        p.attn_dropout, p.attn_out, p.attn_out.weight, p.attn_out.bias, p.attn_out_dropout,
+        (p.attn_ln.weight, p.attn_ln.bias, p.attn_ln.eps),
+        p.ffn_up, p.ffn_up.weight, p.ffn_up.bias, p.ffn_down, p.ffn_down.weight, p.ffn_down.bias, p.ffn_dropout,
+        (p.ffn_ln.weight, p.ffn_ln.bias, p.ffn_ln.eps),
+    )  # fmt: skip
+
+
+def _layers(model, fam: Family, config, head_dim: int) -> list[_Layer]:
+    """Every layer's :class:`_Layer`, cached until a Parameter, buffer or submodule of any module is
+    (re)assigned (:func:`bert_fast._plan.structure_epoch`). Parameters are held as objects: ``.to()``
+    and in-place updates change what they hold, not which object they are."""
+    table = _plan._table(model)
+    epoch = _plan.structure_epoch()
+    cached = table.get("layers")
+    if cached is None or cached[0] != epoch:
+        cached = (epoch, [_prepare_layer(fam.layer(layer, config), head_dim) for layer in fam.layers(model)])
+        table["layers"] = cached
+    return cached[1]
+
+
+def _layer_forward(plan, p: _Layer, x: torch.Tensor, cu_seqlens, max_seqlen: int, head_dim: int, act: str,
                    training: bool):
-    """One post-LayerNorm encoder layer; ``p`` names its modules (:meth:`bert_fast.families.Family.layer`)."""
+    """One post-LayerNorm encoder layer (:class:`_Layer`: its modules and Parameters)."""
     n = x.shape[0]
-    heads = p.query.weight.shape[0] // head_dim  # pruned heads shrink the projections, not head_dim
-
-    w_qkv, b_qkv = _plan.fused_qkv(p.attn, p.query, p.key, p.value)
+    heads = p.heads
+    w_qkv, b_qkv = _plan.fused_qkv_of(p.attn, p.qkv)
     qkv = plan.linear(x, w_qkv, b_qkv, _plan.packer(p.attn, w_qkv))
     q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
     dropout = p.attn_dropout if training else 0.0
     ctx = plan.attention(q, k, v, cu_seqlens, max_seqlen, head_dim**-0.5, dropout).view(n, heads * head_dim)
 
-    x = _dense_residual_layer_norm(plan, p.attn_out, p.attn_out_dropout, p.attn_ln, ctx, x, training)
-
-    inter = p.ffn_up
-    h = plan.linear(x, inter.weight, None, _plan.packer(inter, inter.weight))
-    h = plan.bias_act(h, inter.bias, act)
-
-    return _dense_residual_layer_norm(plan, p.ffn_down, p.ffn_dropout, p.ffn_ln, h, x, training)
+    x = _dense_residual_layer_norm(
+        plan, p.attn_out, p.attn_out_w, p.attn_out_b, p.attn_out_dropout, *p.attn_ln, ctx, x, training
+    )
+    h = plan.linear(x, p.ffn_up_w, None, _plan.packer(p.ffn_up, p.ffn_up_w))
+    h = plan.bias_act(h, p.ffn_up_b, act)
+    return _dense_residual_layer_norm(
+        plan, p.ffn_down, p.ffn_down_w, p.ffn_down_b, p.ffn_dropout, *p.ffn_ln, h, x, training
+    )
 
 
 def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int, unpack, output_hidden_states: bool):
@@ -148,20 +194,19 @@ def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int,
     all_hidden = [unpack(x)] if output_hidden_states else None
     head_dim = config.hidden_size // config.num_attention_heads
     checkpointing = training and torch.is_grad_enabled()
-    for layer in fam.layers(model):
-        parts = fam.layer(layer, config)
-        if checkpointing and getattr(layer, "gradient_checkpointing", False):
+    for module, layer in zip(fam.layers(model), _layers(model, fam, config, head_dim)):
+        if checkpointing and getattr(module, "gradient_checkpointing", False):
             # HF's activation checkpointing (``gradient_checkpointing_enable()`` sets the flag and the
             # function on every layer): the layer's own function (torch.utils.checkpoint, non-reentrant
             # by default, RNG state preserved so dropout masks repeat in the recomputation) wraps our
             # layer; only its input is kept, everything inside is recomputed in backward.
             fn = functools.partial(
-                _layer_forward, plan, parts, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, head_dim=head_dim,
+                _layer_forward, plan, layer, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, head_dim=head_dim,
                 act=act, training=training,
             )  # fmt: skip
-            x = layer._gradient_checkpointing_func(fn, x)
+            x = module._gradient_checkpointing_func(fn, x)
         else:
-            x = _layer_forward(plan, parts, x, cu_seqlens, max_seqlen, head_dim, act, training)
+            x = _layer_forward(plan, layer, x, cu_seqlens, max_seqlen, head_dim, act, training)
         if all_hidden is not None:
             all_hidden.append(unpack(x))
     sequence_output = all_hidden[-1] if all_hidden is not None else unpack(x)

@@ -20,12 +20,15 @@ What each backend runs (declared in :data:`OP`, never substituted silently):
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import _dispatch
+
+log = logging.getLogger("bert_fast.kernels")
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,24 +41,65 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 PACKED_MAX_ROWS = 256
 
 
+def _cpu_capability() -> str:
+    """ATen's vector ISA on this CPU (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``, ...), read at run time."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - very old torch
+        return "unknown"
+
+
+def _onednn_half_isa(dtype: torch.dtype) -> bool:
+    """oneDNN's own check that this CPU can reorder ``dtype`` (bf16/fp16) weights: AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT (e.g. AMD EPYC with AVX2 only has neither, and the prepack raises there)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
+
+
+def _probe_mkldnn_linear(dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether oneDNN's prepacked linear runs ``dtype`` on this CPU, and why (one tiny trial call)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False, "this torch has no oneDNN linear"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False, f"{dtype} is not a oneDNN linear dtype"
+    if not _onednn_half_isa(dtype):
+        return False, f"oneDNN cannot reorder {dtype} weights on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+    # The ISA checks above are oneDNN's; a trial prepack + GEMM catches anything they miss, once.
+    try:
+        with torch.no_grad():
+            x, w = torch.ones(2, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype)
+            y = torch.ops.mkldnn._linear_pointwise(x, prepack_weight(w), None, "none", [], "")
+        if y.shape != (2, 8) or not bool((y.float() == 16).all()):
+            return False, "the trial prepacked GEMM returned a wrong result"
+    except RuntimeError as exc:
+        return False, f"the trial prepack failed: {exc}"
+    return True, "oneDNN prepacked weights"
+
+
 @functools.cache
 def _mkldnn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
-    """oneDNN's prepacked linear exists and runs ``dtype`` on this CPU (bf16/fp16 need AVX-512 or
-    AVX-NE-CONVERT: oneDNN refuses to reorder half-precision weights without them)."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return False
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        return dtype == torch.float32
-    except Exception:  # pragma: no cover - builds without oneDNN
-        return False
+    """oneDNN's prepacked linear runs ``dtype`` on this CPU: probed once per dtype, on first use, at
+    run time (never decided by the build machine); the choice is logged once at DEBUG."""
+    ok, why = _probe_mkldnn_linear(dtype)
+    log.debug(
+        "linear %s on CPU (capability %s): small batches use %s",
+        str(dtype).removeprefix("torch."),
+        _cpu_capability(),
+        why if ok else f"torch.ops.bert_fast.linear ({why})",
+    )
+    return ok
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` reordered once into oneDNN's blocked layout (an opaque tensor for :func:`linear`)."""
+    """``weight`` reordered once into oneDNN's blocked layout (an opaque tensor for :func:`linear`).
+
+    Raises ``RuntimeError`` from oneDNN where this CPU cannot reorder ``weight.dtype`` (bf16/fp16
+    without AVX-512 or AVX-NE-CONVERT); :func:`linear` asks for a packed weight only where the
+    run-time probe found the path usable.
+    """
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 

@@ -112,13 +112,24 @@ def load_base_model(spec: str, device: torch.device, seed: int) -> tuple[Any, st
     """(fp32 HF eager BertModel in eval mode, display name, source description)."""
     import transformers
 
+    from ..families import FAMILIES
+
+    def base_class(model_type: str) -> Any:  # the transformers base model of a BERT-family model_type
+        for fam in FAMILIES:
+            if model_type in fam.model_types:
+                return getattr(transformers, fam.base)
+        raise SystemExit(f"--model {spec!r}: model_type {model_type!r} is not a BERT-family encoder")
+
     if spec in PRESETS:
-        config = transformers.BertConfig(**PRESET_COMMON, **PRESETS[spec])
+        fields = {**PRESET_COMMON, **PRESETS[spec]}
+        model_type = fields.pop("model_type", "bert")
+        config = transformers.AutoConfig.for_model(model_type, **fields)
         torch.manual_seed(seed)
-        model = transformers.BertModel._from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model = base_class(model_type)._from_config(config, attn_implementation="eager", dtype=torch.float32)
         source, name = f"preset {spec}: random weights, seed {seed}", spec
     elif os.path.isdir(spec):
-        model = transformers.BertModel.from_pretrained(
+        model_type = transformers.AutoConfig.from_pretrained(spec, local_files_only=True).model_type
+        model = base_class(model_type).from_pretrained(
             spec, attn_implementation="eager", dtype=torch.float32, local_files_only=True
         )
         source, name = f"checkpoint {os.path.abspath(spec)}", os.path.basename(os.path.normpath(spec))

@@ -33,6 +33,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    # RoBERTa-base's shape and tables (positions offset by padding_idx + 1, one token type)
+    "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                         vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                         layer_norm_eps=1e-5, model_type="roberta"),
 }
 PRESET_COMMON = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
 

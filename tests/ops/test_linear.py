@@ -84,7 +84,7 @@ def test_prepacked_small_batches(dtype, rows):
     """cpp: prepacked oneDNN weights up to PACKED_MAX_ROWS rows where oneDNN runs the dtype on this
     CPU (the packing callback is called then only); elsewhere the unpacked GEMM, same results."""
     skip_unless_cpp()
-    packed_max_rows = importlib.import_module("bert_fast.kernels.linear").PACKED_MAX_ROWS
+    mod = importlib.import_module("bert_fast.kernels.linear")
     torch.manual_seed(rows)
     x, w, b = torch.randn(rows, 64), torch.randn(48, 64) * 0.1, torch.randn(48)
     xs, ws, bs = x.to(dtype), w.to(dtype), b.to(dtype)
@@ -96,8 +96,55 @@ def test_prepacked_small_batches(dtype, rows):
 
     with torch.inference_mode():
         ours = K.linear(xs, ws, bs, backend="cpp", packed=pack)
-    assert bool(calls) == (rows <= packed_max_rows and _onednn_runs(dtype)), f"packing called {len(calls)} times"
+    assert bool(calls) == (rows <= mod.PACKED_MAX_ROWS and _onednn_runs(dtype)), f"packing called {len(calls)} times"
     _check(ours, xs, ws, bs, x, w, b, f"prepacked {dtype} rows={rows}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepack_probe_forced_off(monkeypatch, caplog, dtype):
+    """A CPU where oneDNN cannot reorder the weights (forced through the probe's ISA check, as on an
+    AVX2-only CPU for bf16): the probe says so once at DEBUG, the packing callback is never called and
+    the unpacked op gives the same math."""
+    skip_unless_cpp()
+    mod = importlib.import_module("bert_fast.kernels.linear")
+    monkeypatch.setattr(mod, "_onednn_half_isa", lambda dt: False)
+    mod._mkldnn_linear_available.cache_clear()
+    try:
+        torch.manual_seed(3)
+        x, w, b = torch.randn(16, 64), torch.randn(48, 64) * 0.1, torch.randn(48)
+        xs, ws, bs = x.to(dtype), w.to(dtype), b.to(dtype)
+        calls = []
+
+        def pack():
+            calls.append(1)
+            return K.prepack_weight(ws)
+
+        with caplog.at_level("DEBUG", logger="bert_fast.kernels"), torch.inference_mode():
+            ours = K.linear(xs, ws, bs, backend="cpp", packed=pack)
+            again = K.linear(xs, ws, bs, backend="cpp", packed=pack)
+        assert not calls, "the packed path was taken although the probe refused it"
+        probes = [r.getMessage() for r in caplog.records if "small batches use" in r.getMessage()]
+        assert len(probes) == 1 and "torch.ops.bert_fast.linear" in probes[0], probes
+        assert torch.equal(ours, again)
+        _check(ours, xs, ws, bs, x, w, b, f"forced unpacked {dtype}")
+    finally:
+        mod._mkldnn_linear_available.cache_clear()
+
+
+def test_prepack_probe_matches_onednn():
+    """The probe's answer per dtype is what a real prepack on this CPU does (raise or not)."""
+    skip_unless_cpp()
+    mod = importlib.import_module("bert_fast.kernels.linear")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            K.prepack_weight(torch.ones(8, 16, dtype=dtype))
+            packs = True
+        except RuntimeError:
+            packs = False
+        if not packs:
+            assert not mod._mkldnn_linear_available(dtype), f"probe says {dtype} packs, the prepack raises"
+        elif dtype == torch.float32:
+            assert mod._mkldnn_linear_available(dtype), "probe refused fp32 although the prepack works"
 
 
 @pytest.mark.parametrize("case", ("fp32-bias", "bf16-no-bias"))
