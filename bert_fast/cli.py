@@ -36,6 +36,19 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to run (grid options left out take the device's default grid)")
     g.add_argument(
+        "--mode",
+        choices=("infer", "train"),
+        default="infer",
+        help="infer (default): forward passes; train: one optimizer step (forward, backward, AdamW) per cell, CPU, "
+        "providers hf_sdpa, bert_fast, bert_fast_sparse (bert_fast.bench.train); uses --model (one preset), "
+        "--dtypes (fp32, bf16 autocast), --batch-sizes, --seq-lens (first value), --repeats, --warmup, --seed, "
+        "--threads, --train-tasks, --train-lengths",
+    )
+    g.add_argument("--train-tasks", type=_csv_list(), default=["mlm"], help="train mode: mlm, cls (default mlm)")
+    g.add_argument(
+        "--train-lengths", type=_csv_list(), default=["mixed", "fixed"], help="train mode: mixed, fixed (default both)"
+    )
+    g.add_argument(
         "--model",
         type=_csv_list(),
         default=["base"],
@@ -147,6 +160,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     t0 = time.perf_counter()
+    if args.mode == "train":
+        return _cmd_bench_train(args, t0)
     # Written after every cell too: a run cut short (time limit, crash) keeps what it measured.
     results = bench.run(
         _settings(args),
@@ -167,6 +182,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"charts skipped: {exc} (pip install matplotlib)", file=sys.stderr)
     print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace, t0: float) -> int:
+    import json
+
+    from .bench import train
+
+    model = args.model[0]
+    if model not in train.PRESET_CONFIGS or len(args.model) != 1:
+        raise SystemExit(f"--mode train: --model must be one of {sorted(train.PRESET_CONFIGS)}; got {args.model}")
+    from .bench import PROVIDERS as INFER_PROVIDERS
+
+    if list(args.providers) == list(INFER_PROVIDERS):  # the default list: every train provider
+        providers = train.PROVIDERS
+    else:
+        providers = tuple(p for p in args.providers if p in train.PROVIDERS)
+        if not providers:
+            raise SystemExit(f"--mode train: --providers must name some of {train.PROVIDERS}; got {args.providers}")
+    result = train.run(
+        model=model, tasks=tuple(args.train_tasks), dtypes=tuple(args.dtypes or ["fp32"]),
+        lengths=tuple(args.train_lengths), providers=providers, batch_size=(args.batch_sizes or [8])[0],
+        seq_len=(args.seq_lens or [128])[0], repeats=args.repeats or 3, warmup=args.warmup or 1, seed=args.seed,
+        threads=args.threads,
+    )  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.name}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print()
+    print(train.ratio_table(result))
+    print(f"\nwrote {path}\ntotal {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -29,8 +29,9 @@ derived from the restarts. ``validate_inputs=False`` skips the checks that read 
 (offsets, id ranges): with ``cu_seq_lens_q``, ``max_length_q`` and ``position_ids`` given, the
 forward then never synchronizes with the device for its inputs.
 
-In training mode the same path runs with dropout at HF's places and exact gradients (the fused
-kernels are forward-only and get the reference backward).
+In training mode the same path runs with dropout at HF's places and exact gradients. Activation
+checkpointing enabled with HF's ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()``
+is honoured: each flagged layer is recomputed in backward through the function HF installed on it.
 
 The model never copies or re-creates Parameters: the fused QKV weight is a derived cache built
 from the live ``query``/``key``/``value`` weights (rebuilt when any of them changes, kept in a side
@@ -40,6 +41,7 @@ concatenated on the fly so gradients reach the originals.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -50,23 +52,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 from . import _layers, _plan
 from . import cuda_graphs as _cuda_graphs
 from ._inputs import PACKED_KWARGS, check_config, is_packed_by_position_ids, validate_packed, validate_padded
-from ._optimize import _FIRST_TOKEN_HEAD, _check_name, check_backend, fam_check_config, is_optimized, optimize, revert
-from .families import FAMILIES, Family, family_of
+from ._optimize import _FIRST_TOKEN_HEAD, fam_check_config, is_optimized, optimize, revert
+from .families import Family, family_of
 
-__all__ = [
-    "BertModel",
-    "BertForMaskedLM",
-    "BertForPreTraining",
-    "BertForNextSentencePrediction",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertForQuestionAnswering",
-    "BertForMultipleChoice",
-    "optimize",
-    "revert",
-    "is_optimized",
-    "check_config",
-]
+__all__ = ["optimize", "revert", "is_optimized", "check_config"]
 
 _warned: set[str] = set()
 #: transformers 4.x (its models' tuple outputs differ in one place: see the end of forward)
@@ -109,8 +98,20 @@ def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int,
         x = plan.linear(x, project.weight, project.bias, _plan.packer(project, project.weight))
     all_hidden = [unpack(x)] if output_hidden_states else None
     head_dim = config.hidden_size // config.num_attention_heads
-    for layer in _layers.layers(model, fam, config, head_dim):
-        x = _layers.layer_forward(plan, layer, x, cu_seqlens, max_seqlen, head_dim, act, training)
+    checkpointing = training and torch.is_grad_enabled()
+    for module, layer in zip(fam.layers(model), _layers.layers(model, fam, config, head_dim)):
+        if checkpointing and getattr(module, "gradient_checkpointing", False):
+            # HF's activation checkpointing (``gradient_checkpointing_enable()`` sets the flag and the
+            # function on every layer): the layer's own function (torch.utils.checkpoint, non-reentrant
+            # by default, RNG state preserved so dropout masks repeat in the recomputation) wraps our
+            # layer; only its input is kept, everything inside is recomputed in backward.
+            fn = functools.partial(
+                _layers.layer_forward, plan, layer, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, head_dim=head_dim,
+                act=act, training=training,
+            )  # fmt: skip
+            x = module._gradient_checkpointing_func(fn, x)
+        else:
+            x = _layers.layer_forward(plan, layer, x, cu_seqlens, max_seqlen, head_dim, act, training)
         if all_hidden is not None:
             all_hidden.append(unpack(x))
     sequence_output = all_hidden[-1] if all_hidden is not None else unpack(x)
@@ -305,6 +306,9 @@ class _FastBertMixin:
         packed = {k: kwargs.pop(k) for k in PACKED_KWARGS if k in kwargs}
         packed = {k: v for k, v in packed.items() if v is not None}
         validate = kwargs.pop("validate_inputs", True)
+        # A loss argument HF Trainer passes to models whose forward takes **kwargs; the BERT task
+        # heads pass it down to the encoder, where HF's own forward ignores it too.
+        kwargs.pop("num_items_in_batch", None)
         # transformers 4.x task heads pass these explicitly, as None.
         for name in ("head_mask", "cache_position", "past_key_values_length"):
             if name in kwargs and kwargs[name] is None:
@@ -381,107 +385,11 @@ class _FastBertMixin:
         return out.to_tuple()
 
 
-# --------------------------------------------------------------------------------------------------
-# Drop-in classes
-# --------------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    # The drop-in classes (BertModel, ...) live in bert_fast.classes: they subclass _FastBertMixin above.
+    if not name.startswith("__"):
+        from . import classes
 
-
-class _DropIn:
-    """Shared by the drop-in classes: ``backend=`` and ``cuda_graphs=`` in the constructor and in
-    ``from_pretrained``."""
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs
-    ):
-        if backend is not None:
-            _check_name(backend)
-        model = super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
-        optimize(model, backend=backend, cuda_graphs=cuda_graphs)
-        return model
-
-
-class BertModel(_FastBertMixin, _DropIn, transformers.BertModel):
-    """``transformers.BertModel`` with bert_fast's forward. Same weights, same outputs."""
-
-    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
-        check_config(config)
-        super().__init__(config, *args, **kwargs)
-        self.__dict__["_bert_fast_backend"] = None if backend is None else _check_name(backend)
-        check_backend(self, backend)
-        _cuda_graphs.set_option(self, cuda_graphs)
-
-
-def _base_class(base: type) -> type:
-    """The drop-in base model of a family (``RobertaModel``, ``ElectraModel``, ...), as ``BertModel``."""
-    fam = family_of(base)
-
-    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
-        fam_check_config(fam, config)
-        base.__init__(self, config, *args, **kwargs)
-        self.__dict__["_bert_fast_backend"] = None if backend is None else _check_name(backend)
-        check_backend(self, backend)
-        _cuda_graphs.set_option(self, cuda_graphs)
-
-    return type(
-        base.__name__,
-        (_FastBertMixin, _DropIn, base),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__doc__": f"``transformers.{base.__name__}`` with bert_fast's forward. Same weights, same outputs.",
-        },
-    )
-
-
-def _task_class(base: type, fam: Family | None = None) -> type:
-    def __init__(self, config, *args, backend: str | None = None, cuda_graphs: bool = False, **kwargs):
-        if fam is None:
-            check_config(config)
-        else:
-            fam_check_config(fam, config)
-        base.__init__(self, config, *args, **kwargs)
-        optimize(self, backend=backend, cuda_graphs=cuda_graphs)
-
-    return type(
-        base.__name__,
-        (_DropIn, base),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__doc__": f"``transformers.{base.__name__}`` whose encoder runs bert_fast's forward.",
-        },
-    )
-
-
-BertForMaskedLM = _task_class(transformers.BertForMaskedLM)
-BertForPreTraining = _task_class(transformers.BertForPreTraining)
-BertForNextSentencePrediction = _task_class(transformers.BertForNextSentencePrediction)
-BertForSequenceClassification = _task_class(transformers.BertForSequenceClassification)
-BertForTokenClassification = _task_class(transformers.BertForTokenClassification)
-BertForQuestionAnswering = _task_class(transformers.BertForQuestionAnswering)
-BertForMultipleChoice = _task_class(transformers.BertForMultipleChoice)
-
-
-#: transformers base class -> its drop-in (``optimize`` switches an instance's class to it).
-DROP_IN_BASES: dict[type, type] = {transformers.BertModel: BertModel}
-
-
-def _make_family_classes() -> list[str]:
-    """The drop-in classes of every non-BERT family present in this transformers version."""
-    names = []
-    for fam in FAMILIES:
-        for name in fam.classes:
-            hf_cls = getattr(transformers, name, None)
-            if hf_cls is None:
-                continue
-            cls = _base_class(hf_cls) if name == fam.base else _task_class(hf_cls, fam)
-            if name == fam.base:
-                DROP_IN_BASES[hf_cls] = cls
-            globals()[name] = cls
-            names.append(name)
-    return names
-
-
-FAMILY_CLASSES = _make_family_classes()
-__all__ += FAMILY_CLASSES
+        if hasattr(classes, name):
+            return getattr(classes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -162,6 +162,32 @@ inline bf_act_t check_bias_act(const at::Tensor& x, const std::optional<at::Tens
   return act;
 }
 
+// ---- backward ops (CPU): the forward op's contract plus grad, shaped and typed like x -------------
+
+inline void check_grad_like(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad shape ", grad.sizes(), " != x shape ", x.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", dtype_name(grad.scalar_type()),
+              " != x dtype ", dtype_name(x.scalar_type()));
+  check_same_device(op, "grad", grad, x, "x");
+  check_last_dim_contiguous(op, "grad", grad);
+}
+
+inline bf_act_t check_bias_act_bwd(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                   c10::string_view activation) {
+  const bf_act_t act = check_bias_act(x, bias, activation);
+  check_grad_like("bias_act_bwd", grad, x);
+  return act;
+}
+
+inline int64_t check_bias_residual_layer_norm_bwd(const at::Tensor& grad, const at::Tensor& x,
+                                                  const at::Tensor& weight, const at::Tensor& bias,
+                                                  const std::optional<at::Tensor>& linear_bias,
+                                                  const std::optional<at::Tensor>& residual) {
+  const int64_t H = check_bias_residual_layer_norm(x, weight, bias, linear_bias, residual);
+  check_grad_like("bias_residual_layer_norm_bwd", grad, x);
+  return H;
+}
+
 // ---- embed_layer_norm(input_ids?, position_ids, token_type_ids?, word_emb, pos_emb, type_emb,
 //      weight, bias, eps, inputs_embeds?) -> hidden size H --------------------------------------------
 // Id ranges: checked by the CPU kernel as it reads each id, by the CUDA glue with check_index_ranges.

@@ -29,6 +29,12 @@ TORCH_LIBRARY(bert_fast, m) {
   m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
   m.def("scatter_rows(Tensor x, Tensor indices, SymInt num_rows) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Backward ops (CPU only; registered below, outside the two-device list).
+  m.def("bias_act_bwd(Tensor grad, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor dbias)");
+  m.def(
+      "bias_residual_layer_norm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, float eps, "
+      "Tensor? linear_bias=None, Tensor? residual=None) -> (Tensor dx, Tensor dweight, Tensor dbias, "
+      "Tensor dlinear_bias)");
 }
 
 // Every op, registered with its <op>_<device> implementation (ops.h): one list for both devices, so
@@ -44,6 +50,11 @@ TORCH_LIBRARY(bert_fast, m) {
   m.impl("linear", &linear_##DEV);
 
 TORCH_LIBRARY_IMPL(bert_fast, CPU, m) { BERT_FAST_REGISTER_OPS(cpu) }
+
+TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
+  m.impl("bias_act_bwd", &bias_act_bwd_cpu);
+  m.impl("bias_residual_layer_norm_bwd", &bias_residual_layer_norm_bwd_cpu);
+}
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(bert_fast, CUDA, m) { BERT_FAST_REGISTER_OPS(cuda) }

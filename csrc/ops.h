@@ -28,6 +28,14 @@ namespace bert_fast {
   at::Tensor scatter_rows_##DEV(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows);                  \
   at::Tensor linear_##DEV(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// Backward ops: CPU only (on the GPU the backward kernels are Triton's).
+std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual);
+
 BERT_FAST_DECLARE_OPS(cpu)
 #ifdef WITH_CUDA
 BERT_FAST_DECLARE_OPS(cuda)

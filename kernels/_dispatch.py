@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from . import _backend
-from ._autograd import fast_forward_ref_backward
+from ._autograd import fast_forward_ref_backward, fused_backward
 
 Impl = Callable[..., object]
 Support = Callable[..., "str | None"]
@@ -68,6 +68,7 @@ class Op:
         grad_args: Sequence[int] = (0,),
         grad: str = "ref_backward",
         auto_order: tuple[str, ...] = ("triton", "cpp"),
+        backward: Mapping[str, Impl | Mapping[str, Impl]] | None = None,
     ) -> None:
         assert grad in ("ref_backward", "ref")
         self.name = name
@@ -78,6 +79,10 @@ class Op:
         self.grad_args = tuple(grad_args)
         self.grad = grad
         self.auto_order = auto_order
+        # Fused backward kernels per backend (callable, or device type -> callable):
+        # ``bwd(grad_out, *args)`` -> one gradient per ``grad_args`` entry. Where none is declared
+        # for the backend and device, the reference backward is used.
+        self.backward = dict(backward or {})
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, backends={['torch', *self.impls]})"
@@ -113,6 +118,27 @@ class Op:
         if backend == "torch" or not grad:
             return fast
         idx, ref = self.grad_args, self.ref
+        bwd = self.backward.get(backend)
+        if isinstance(bwd, Mapping):
+            bwd = bwd.get(device.type, bwd.get("default"))
+        if bwd is not None and not getattr(bwd, "available", lambda: True)():
+            bwd = None  # e.g. an extension built before its backward op existed: reference backward
+        if bwd is not None:
+
+            def run_with_fused_backward(*args):
+                tensors = [args[i] for i in idx]
+                if not _backend.needs_grad(*tensors):
+                    return fast(*args)
+
+                def full(ts):
+                    out = list(args)
+                    for i, t in zip(idx, ts):
+                        out[i] = t
+                    return out
+
+                return fused_backward(lambda *ts: fast(*full(ts)), lambda g, *ts: bwd(g, *full(ts)), *tensors)
+
+            return run_with_fused_backward
         if self.grad == "ref":
 
             def run_ref_under_grad(*args):
@@ -154,7 +180,7 @@ _cpp_fakes_registered = False
 def register_cpp_fake(name: str, fake: Callable) -> Callable:
     """Record ``fake`` as the fake implementation of ``bert_fast::<name>`` (attached at extension load)."""
     _cpp_fakes[name] = fake
-    if _cpp_fakes_registered:
+    if _cpp_fakes_registered and hasattr(torch.ops.bert_fast, name):
         torch.library.register_fake(f"bert_fast::{name}")(fake)
     return fake
 
@@ -165,7 +191,8 @@ def _register_cpp_fakes() -> None:
         return
     _cpp_fakes_registered = True
     for name, fake in _cpp_fakes.items():
-        torch.library.register_fake(f"bert_fast::{name}")(fake)
+        if hasattr(torch.ops.bert_fast, name):  # an older build may lack newer (backward) ops
+            torch.library.register_fake(f"bert_fast::{name}")(fake)
 
 
 _backend.on_cpp_loaded(_register_cpp_fakes)

@@ -19,9 +19,13 @@ once; two-pass mean/variance from registers (no E[x^2] - E[x]^2 cancellation). L
 stride along H (other layouts are copied first), any number of leading dims. The warp count is
 autotuned per row block and hidden size on the GPU (configs: :func:`_triton_utils.row_configs`).
 
-Backends: ``torch`` (:func:`bias_residual_layer_norm_ref`), ``triton``, ``cpp``. Gradients: the
-fused backends are forward-only; under autograd they are wrapped by
-:func:`~bert_fast.kernels._autograd.fast_forward_ref_backward` (reference backward).
+Backends: ``torch`` (:func:`bias_residual_layer_norm_ref`), ``triton``, ``cpp``. Backward (under
+autograd, :func:`~bert_fast.kernels._autograd.fused_backward`): ``_bias_residual_layer_norm_bwd_kernel``
+(Triton) and ``bert_fast::bias_residual_layer_norm_bwd`` (C++, CPU): one pass per row recomputes the
+statistics from the saved inputs and writes ``dh = rstd (g - mean(g) - xhat mean(g xhat))``,
+``g = dy * weight`` (which is dx and d-residual); dweight, dbias and d-linear-bias are fp32 partial
+column sums per block of rows, reduced afterwards (deterministic). The C++ backend on CUDA has no
+backward kernel and uses the reference backward.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from . import _dispatch
 from . import _triton_utils as _tu
-from ._triton_utils import tl
+from ._triton_utils import tl, triton
 
 
 def bias_residual_layer_norm_ref(
@@ -265,7 +269,142 @@ def aot_specs() -> list[dict]:
     return specs
 
 
+# --- backward ----------------------------------------------------------------------------------
+
+
+@_tu.jit
+def _bias_residual_layer_norm_bwd_kernel(
+    G,  # pointer to the gradient of the output, shape (N, H), unit column stride
+    X,  # pointer to the forward input rows, shape (N, H), unit column stride
+    Residual,  # pointer to the residual rows, shape (N, H); read iff HAS_RESIDUAL
+    LinearBias,  # pointer to the GEMM bias, shape (H,); read iff HAS_LINEAR_BIAS
+    W,  # pointer to the LayerNorm weight, shape (H,)
+    DX,  # pointer to the gradient of the summed input h (= dx = dresidual), shape (N, H)
+    Partial,  # pointer to per-program partial column sums, fp32, shape (programs, 3, H): dw, db, dlb
+    stride_g_row,
+    stride_x_row,
+    stride_residual_row,
+    stride_dx_row,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    eps,
+    HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LINEAR_BIAS:
+        lb = tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    dlb = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = pid * rows_per_program + i
+        # Rows past the end load zeros everywhere: h = 0, dy = 0, so they add exactly 0 below.
+        rmask = cols < tl.where(row < n_rows, n_cols, 0)
+        h = tl.load(X + row * stride_x_row + cols, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_LINEAR_BIAS:
+            h += tl.where(rmask, lb, 0.0)
+        if HAS_RESIDUAL:
+            h += tl.load(Residual + row * stride_residual_row + cols, mask=rmask, other=0.0).to(tl.float32)
+        # statistics recomputed as the forward computes them (two-pass, fp32, biased variance)
+        mean = tl.sum(h, axis=0) / n_cols
+        diff = tl.where(mask, h - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / n_cols + eps)
+        xhat = diff * rstd
+        dy = tl.load(G + row * stride_g_row + cols, mask=rmask, other=0.0).to(tl.float32)
+        g = dy * w
+        mg = tl.sum(g, axis=0) / n_cols
+        mgx = tl.sum(g * xhat, axis=0) / n_cols
+        dh = tl.where(rmask, rstd * (g - mg - xhat * mgx), 0.0)
+        tl.store(DX + row * stride_dx_row + cols, dh.to(DX.dtype.element_ty), mask=rmask)
+        dw += dy * xhat
+        db += dy
+        dlb += dh
+    base = Partial + pid * 3 * n_cols
+    tl.store(base + cols, dw, mask=mask)
+    tl.store(base + n_cols + cols, db, mask=mask)
+    tl.store(base + 2 * n_cols + cols, dlb, mask=mask)
+
+
+def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual):
+    """Triton backward: ``(dx, dweight, dbias, dlinear_bias, dresidual)`` (parameter grads fp32)."""
+    x2 = _tu.flatten_rows(x)
+    g2 = _tu.flatten_rows(grad)
+    r2 = _tu.flatten_rows(residual) if residual is not None else None
+    n_rows, n_cols = x2.shape
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    # Programs: a fixed count (small under the interpreter), each looping over a run of rows and
+    # keeping its column sums in registers; the (programs, 3, H) partials are reduced by one sum.
+    programs = max(1, min(n_rows, 8 if _tu.interpreting() else 1024))
+    rows_per_program = triton.cdiv(max(n_rows, 1), programs)
+    partial = torch.zeros((programs, 3, n_cols), dtype=torch.float32, device=x.device)
+    if n_rows:
+        block = max(_tu.next_power_of_2(n_cols), 16)
+        wc = weight.contiguous()
+        lbc = linear_bias.contiguous() if linear_bias is not None else None
+        args = (g2, x2, r2 if r2 is not None else x2, lbc if lbc is not None else wc, wc, dx, partial,
+                g2.stride(0), x2.stride(0), r2.stride(0) if r2 is not None else 0, dx.stride(0),
+                n_rows, n_cols, rows_per_program, float(eps))  # fmt: skip
+        with _tu.device_guard(x.device):
+            _bias_residual_layer_norm_bwd_kernel[(programs,)](
+                *args, HAS_LINEAR_BIAS=linear_bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_H=block,
+                num_warps=_tu.INTERPRET_ROW_WARPS if _tu.interpreting() else (4 if block <= 1024 else 8),
+            )  # fmt: skip
+    sums = partial.sum(0)
+    dx = dx.view(x.shape)
+    return dx, sums[0], sums[1], (sums[2] if linear_bias is not None else None), (dx if residual is not None else None)
+
+
+def _bias_residual_layer_norm_bwd_cpp(grad, x, weight, bias, eps, linear_bias, residual):
+    op = torch.ops.bert_fast.bias_residual_layer_norm_bwd
+    dx, dw, db, dlb = op(grad, x, weight, bias, eps, linear_bias, residual)
+    return dx, dw, db, (dlb if linear_bias is not None else None), (dx if residual is not None else None)
+
+
+_bias_residual_layer_norm_bwd_cpp.available = lambda: hasattr(  # type: ignore[attr-defined]
+    torch.ops.bert_fast, "bias_residual_layer_norm_bwd"
+)
+
+
+def _bias_residual_layer_norm_bwd_fake(grad, x, weight, bias, eps, linear_bias=None, residual=None):
+    """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm_bwd``."""
+    h = x.shape[-1]
+    vec = [x.new_empty((h,), dtype=torch.float32) for _ in range(3)]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *vec)
+
+
+def bias_residual_layer_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    linear_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
+    backend: str,
+) -> tuple:
+    """Gradients of :func:`bias_residual_layer_norm` by the ``backend``'s kernel (``"triton"``, ``"cpp"`` on CPU).
+
+    Returns ``(dx, dweight, dbias, dlinear_bias, dresidual)``; ``dx`` (x's dtype) is the gradient
+    of the summed row, and so also ``dresidual`` (the same tensor; ``None`` without a residual);
+    the parameter gradients are fp32 column sums (``dlinear_bias`` ``None`` without a linear bias).
+    One pass per row recomputes mean and rstd in fp32 from x (+ bias) (+ residual); bytes: reads
+    grad, x, residual, writes dx (4 N H elements); FLOPs ~ 12 N H.
+    """
+    impl = OP.backward[backend]
+    if isinstance(impl, dict):
+        impl = impl[x.device.type]
+    return impl(grad.contiguous(), x, weight, bias, float(eps), linear_bias, residual)
+
+
 _dispatch.register_cpp_fake("bias_residual_layer_norm", _bias_residual_layer_norm_fake)
+_dispatch.register_cpp_fake("bias_residual_layer_norm_bwd", _bias_residual_layer_norm_bwd_fake)
 
 OP = _dispatch.Op(
     "bias_residual_layer_norm",
@@ -273,4 +412,5 @@ OP = _dispatch.Op(
     {"triton": bias_residual_layer_norm_fwd, "cpp": _bias_residual_layer_norm_cpp},
     supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
     grad_args=(0, 1, 2, 4, 5),
+    backward={"triton": _bias_residual_layer_norm_bwd_triton, "cpp": {"cpu": _bias_residual_layer_norm_bwd_cpp}},
 )

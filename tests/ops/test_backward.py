@@ -1,0 +1,124 @@
+"""Fused backward kernels (C++ on CPU, Triton under the interpreter) against the reference backward.
+
+Every case runs the op through its public functional under autograd (so through the dispatch's
+fused-backward wrapper), checks that the fused backward is the one recorded, and compares every
+input's gradient with the gradient of the ``_ref`` op: fp32 against fp32; half precision by the
+flash-attention rule against the fp32 reference (our error at most twice PyTorch's own in the same
+dtype, plus a floor). Odd sizes throughout: partial row blocks and partly masked columns.
+"""
+
+from __future__ import annotations
+
+import bert_fast.kernels as K
+import pytest
+import torch
+from _check import DTYPES
+from tolerances import FP32_OP_ATOL, HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
+
+OP = "bias_act_bwd"
+OP_BACKENDS = ("cpp", "triton")
+
+pytestmark = pytest.mark.usefixtures("poison")
+
+
+def _grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+def _compare(backend_grads, ref32_grads, same_dtype_grads, dtype, what):
+    names = iter(range(len(backend_grads)))
+    for ours, ref32, same in zip(backend_grads, ref32_grads, same_dtype_grads):
+        i = next(names)
+        if ours is None:
+            assert ref32 is None
+            continue
+        assert ours.dtype == same.dtype, f"{what} grad {i}: dtype {ours.dtype} != {same.dtype}"
+        if dtype == torch.float32:
+            # column sums over the rows: allow the fp32 summation-order error of ~rows values of O(1)
+            assert_close_fp32(ours, ref32, 4 * FP32_OP_ATOL, f"{what} grad {i}")
+        else:
+            assert_half_rule(ours, same, ref32, HALF_OP_FACTOR, f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ("gelu", "gelu_tanh", "relu"))
+@pytest.mark.parametrize("cols", (37, 148))
+@pytest.mark.parametrize("with_bias", (True, False))
+def test_bias_act_backward(backend, device, dtype, activation, cols, with_bias):
+    torch.manual_seed(cols + len(activation))
+    rows = 33
+    x = (torch.randn(3, rows // 3 + 0, cols, device=device) * 2).to(dtype)
+    bias = (torch.randn(cols, device=device) * 0.5).to(dtype) if with_bias else None
+    g = torch.randn(x.shape, device=device).to(dtype)
+
+    out, ours = _grads(lambda a, b: K.bias_act(a, b, activation, backend=backend), (x, bias), g)
+    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    _, ref32 = _grads(lambda a, b: K.bias_act_ref(a, b, activation), (x.float(), bias.float() if with_bias else None),
+                      g.float())  # fmt: skip
+    _, same = _grads(lambda a, b: K.bias_act_ref(a, b, activation), (x, bias), g)
+    _compare(ours, ref32, same, dtype, f"bias_act[{backend},{activation},{dtype}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", (37, 312))
+@pytest.mark.parametrize("with_linear_bias", (True, False))
+@pytest.mark.parametrize("with_residual", (True, False))
+def test_bias_residual_layer_norm_backward(backend, device, dtype, hidden, with_linear_bias, with_residual):
+    if backend == "cpp":
+        from _check import cpp_has_kernel
+
+        if not cpp_has_kernel("bias_residual_layer_norm_bwd", device):
+            pytest.skip("bert_fast._C has no bias_residual_layer_norm_bwd kernel")
+    torch.manual_seed(hidden)
+    rows = 19
+    x = (torch.randn(rows, hidden, device=device) * 2 + 0.5).to(dtype)
+    w = (1 + 0.3 * torch.randn(hidden, device=device)).to(dtype)
+    b = (0.1 * torch.randn(hidden, device=device)).to(dtype)
+    lb = (0.2 * torch.randn(hidden, device=device)).to(dtype) if with_linear_bias else None
+    res = torch.randn(rows, hidden, device=device).to(dtype) if with_residual else None
+    g = torch.randn(rows, hidden, device=device).to(dtype)
+    eps = 1e-12
+
+    def ours_fn(x_, w_, b_, lb_, r_):
+        return K.bias_residual_layer_norm(x_, w_, b_, eps, linear_bias=lb_, residual=r_, backend=backend)
+
+    def ref_fn(x_, w_, b_, lb_, r_):
+        return K.bias_residual_layer_norm_ref(x_, w_, b_, eps, lb_, r_)
+
+    inputs = (x, w, b, lb, res)
+    out, ours = _grads(ours_fn, inputs, g)
+    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    _, ref32 = _grads(ref_fn, [t.float() if t is not None else None for t in inputs], g.float())
+    _, same = _grads(ref_fn, inputs, g)
+    _compare(ours, ref32, same, dtype, f"layer_norm[{backend},{hidden},{dtype}]")
+
+
+def test_cpp_backward_ops_check_grad():
+    from _check import cpp_has_kernel
+
+    if not cpp_has_kernel("bias_act_bwd", "cpu"):
+        pytest.skip("bert_fast._C has no bias_act_bwd kernel")
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="bias_act_bwd: grad shape"):
+        torch.ops.bert_fast.bias_act_bwd(torch.randn(4, 9), x, None, "gelu")
+    with pytest.raises(RuntimeError, match="bias_residual_layer_norm_bwd: grad dtype"):
+        torch.ops.bert_fast.bias_residual_layer_norm_bwd(
+            x.half(), x, torch.ones(8), torch.zeros(8), 1e-12, None, None
+        )
+
+
+def test_cpp_backward_opcheck():
+    from _check import cpp_has_kernel, load_cpp_ops
+
+    load_cpp_ops()  # kernels and fakes, as a user gets them
+    if not cpp_has_kernel("bias_residual_layer_norm_bwd", "cpu"):
+        pytest.skip("bert_fast._C has no backward kernels")
+    x = torch.randn(5, 24)
+    torch.library.opcheck(torch.ops.bert_fast.bias_act_bwd, (torch.randn(5, 24), x, torch.randn(24), "gelu_tanh"))
+    torch.library.opcheck(
+        torch.ops.bert_fast.bias_residual_layer_norm_bwd,
+        (torch.randn(5, 24), x, torch.randn(24), torch.randn(24), 1e-5, torch.randn(24), torch.randn(5, 24)),
+    )
