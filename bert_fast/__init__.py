@@ -47,6 +47,10 @@ __all__ = sorted(_MODELING | {"BackendUnavailableError", "Encoder", "use_backend
 def __getattr__(name: str):
     # transformers is imported on first use of the model API, not when the kernels are imported.
     if name in _MODELING:
+        if name in ("optimize", "revert", "is_optimized"):
+            from . import _optimize
+
+            return getattr(_optimize, name)
         from . import classes
 
         return getattr(classes, name)

@@ -17,24 +17,9 @@ import transformers
 
 from . import cuda_graphs as _cuda_graphs
 from ._inputs import check_config
-from ._optimize import _check_name, check_backend, fam_check_config, is_optimized, optimize, revert
+from ._optimize import _check_name, check_backend, fam_check_config, optimize
 from .families import FAMILIES, Family, family_of
 from .modeling import _FastBertMixin
-
-__all__ = [
-    "BertModel",
-    "BertForMaskedLM",
-    "BertForPreTraining",
-    "BertForNextSentencePrediction",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertForQuestionAnswering",
-    "BertForMultipleChoice",
-    "optimize",
-    "revert",
-    "is_optimized",
-]
-
 
 # --------------------------------------------------------------------------------------------------
 
@@ -204,4 +189,3 @@ def _make_family_classes() -> list[str]:
 
 
 FAMILY_CLASSES = _make_family_classes()
-__all__ += FAMILY_CLASSES

@@ -29,6 +29,19 @@ log = logging.getLogger("bert_fast.kernels")
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
+#: The forward operators of the C++/CUDA extension, ``torch.ops.bert_fast.<name>`` (defined here, where
+#: importing needs no extension, so tests and benchmarks can list them without it).
+CPP_OPS = (
+    "bias_residual_layer_norm",
+    "bias_act",
+    "embed_layer_norm",
+    "varlen_attention",
+    "unpad_mask",
+    "gather_rows",
+    "scatter_rows",
+    "linear",
+)
+
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("bert_fast_backend", default=None)
 
 

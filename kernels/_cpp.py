@@ -22,14 +22,5 @@ if _backend.load_cpp_extension() is None:
     raise ImportError("bert_fast.kernels._cpp: " + _backend._CPP_HELP.format(why=""))
 
 #: Every operator of the extension, ``torch.ops.bert_fast.<name>``.
-OPS = (
-    "bias_residual_layer_norm",
-    "bias_act",
-    "embed_layer_norm",
-    "varlen_attention",
-    "unpad_mask",
-    "gather_rows",
-    "scatter_rows",
-    "linear",
-)
+OPS = _backend.CPP_OPS
 

@@ -24,22 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from bert_fast.kernels import _backend
 from tolerances import HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
 
 #: The backends every op test is parametrized over.
 BACKENDS = ("torch", "cpp", "triton")
 
 #: Every operator the C++ extension registers as ``torch.ops.bert_fast.<name>``.
-CPP_OPS = (
-    "bias_residual_layer_norm",
-    "bias_act",
-    "embed_layer_norm",
-    "varlen_attention",
-    "unpad_mask",
-    "gather_rows",
-    "scatter_rows",
-    "linear",
-)
+CPP_OPS = _backend.CPP_OPS
 
 HAS_CUDA = torch.cuda.is_available()
 
