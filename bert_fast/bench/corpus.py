@@ -127,9 +127,18 @@ def sorted_for_encode(texts: list[str]) -> list[str]:
 
 
 def corpus_batches(
-    n: int, vocab_size: int, seed: int, device: torch.device, max_length: int = 256, batch_size: int = CORPUS_BATCH
+    n: int,
+    vocab_size: int,
+    seed: int,
+    device: torch.device,
+    max_length: int = 256,
+    batch_size: int = CORPUS_BATCH,
+    token_types: bool = True,
 ) -> tuple[list[Batch], str]:
-    """(batches of the built-in corpus as sentence-transformers would run them, a note saying how)."""
+    """(batches of the built-in corpus as sentence-transformers would run them, a note saying how).
+
+    ``token_types=False``: the batches carry no ``token_type_ids`` (a model without token types).
+    """
     texts = sorted_for_encode(builtin_corpus(n, seed))
     tok = _minilm_tokenizer()
     if tok is not None and getattr(tok, "vocab_size", 0) > vocab_size:
@@ -148,7 +157,8 @@ def corpus_batches(
             lengths = [min(max_length, 2 + round(1.3 * len(t.split()))) for t in chunk]
             ids, mask = _ids(lengths, max(lengths), vocab_size, gen)
             tt = torch.zeros_like(ids)
-        batches.append(Batch([int(x) for x in lengths], ids.to(device), mask.to(device), tt.to(device)))
+        types = tt.to(device) if token_types else None
+        batches.append(Batch([int(x) for x in lengths], ids.to(device), mask.to(device), types))
     how = "all-MiniLM-L6-v2 tokenizer" if tok is not None else "synthetic lengths (1.3 tokens/word; no tokenizer)"
     note = f"built-in corpus: {n} texts, sorted by length, batches of {batch_size}, {how}, max_length {max_length}"
     return batches, note

@@ -1,6 +1,7 @@
 """Other inference engines as providers: ONNX Runtime (with its BERT fusions) and OpenVINO.
 
-Both run the same HF model (the fp32 weights of the run), converted once per model:
+Both run the same HF model (the fp32 weights of the run), converted once per model, with the
+inputs the model takes (:func:`input_names`: no ``token_type_ids`` for DistilBERT):
 
 * ``onnxruntime``: exported to ONNX with dynamic (batch, sequence) axes, then
   ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert")`` (its fused Attention /
@@ -29,7 +30,17 @@ import torch
 from .providers import Context, Provider, Unavailable, share_weights
 from .workloads import Batch
 
+#: The inputs of a model with token types, in export order (a model without them drops the last).
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def input_names(model: Any) -> tuple[str, ...]:
+    """The inputs ``model`` is exported with: no ``token_type_ids`` for a family without token types."""
+    from bert_fast.families import family_of
+
+    fam = family_of(model)
+    token_types = fam.has_token_types if fam is not None else hasattr(model.embeddings, "token_type_embeddings")
+    return INPUT_NAMES if token_types else INPUT_NAMES[:2]
 
 
 class _LastHidden(torch.nn.Module):
@@ -39,10 +50,9 @@ class _LastHidden(torch.nn.Module):
         super().__init__()
         self.bert = bert
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
 
 
 def _cpu_fp32_module(base: Any) -> _LastHidden:
@@ -52,12 +62,12 @@ def _cpu_fp32_module(base: Any) -> _LastHidden:
     return _LastHidden(bert).eval()
 
 
-def _example_inputs(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A sample with padding in one row, so the traced graph keeps the masking path."""
+def _example_inputs(vocab_size: int, names: tuple[str, ...] = INPUT_NAMES) -> tuple[torch.Tensor, ...]:
+    """A sample with padding in one row, so the traced graph keeps the masking path (one tensor per name)."""
     ids = torch.randint(1, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 9:] = 0
-    return ids * mask, mask, torch.zeros_like(ids)
+    return (ids * mask, mask, torch.zeros_like(ids))[: len(names)]
 
 
 def onnx_export(base: Any, workdir: str) -> tuple[str, str]:
@@ -69,18 +79,19 @@ def onnx_export(base: Any, workdir: str) -> tuple[str, str]:
     Attention. The dynamo exporter (``dynamic_shapes``) is the fallback if the TorchScript one fails.
     """
     wrapped = _cpu_fp32_module(base)
+    names = input_names(base)
     path = os.path.join(workdir, "model.onnx")
     common = dict(
-        args=_example_inputs(base.config.vocab_size),
+        args=_example_inputs(base.config.vocab_size, names),
         f=path,
-        input_names=list(INPUT_NAMES),
+        input_names=list(names),
         output_names=["last_hidden_state"],
     )
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     attempts: list[tuple[str, dict[str, Any]]] = [
-        ("torchscript", dict(dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*INPUT_NAMES, "last_hidden_state")},
+        ("torchscript", dict(dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, "last_hidden_state")},
                              opset_version=17, dynamo=False)),
-        ("dynamo", dict(dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES}, dynamo=True,
+        ("dynamo", dict(dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
                         external_data=False)),
     ]  # fmt: skip
     failures = []
@@ -135,16 +146,18 @@ def onnxruntime_provider(ctx: Context) -> Provider:
     if not gpu:
         notes += f"; intra_op_num_threads {ctx.threads}, allow_spinning 0"
     hidden = cfg.hidden_size
+    # The graph's own inputs: an exporter may drop one the traced graph does not read.
+    names = {i.name for i in sess.get_inputs()}
 
     def prepare(b: Batch) -> Callable[[], Any]:
         if not gpu:
-            feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, (b.input_ids, b.attention_mask, b.token_type_ids))}
+            feeds = {n: t.cpu().numpy() for n, t in b.kwargs().items() if n in names}
             return lambda: torch.from_numpy(sess.run(["last_hidden_state"], feeds)[0])
         import numpy as np
 
         binding = sess.io_binding()
-        inputs = [t.contiguous() for t in (b.input_ids, b.attention_mask, b.token_type_ids)]
-        for n, t in zip(INPUT_NAMES, inputs):
+        inputs = {n: t.contiguous() for n, t in b.kwargs().items() if n in names}
+        for n, t in inputs.items():
             binding.bind_input(n, "cuda", device.index or 0, np.int64, tuple(t.shape), t.data_ptr())
         out = torch.empty(*b.input_ids.shape, hidden, dtype=torch.float32, device=device)
         binding.bind_output(
@@ -182,14 +195,15 @@ def openvino_provider(ctx: Context) -> Provider:
             f"INFERENCE_PRECISION_HINT={hint} would silently run f32"
         )
     t0 = time.perf_counter()
+    names = input_names(ctx.base)
     if "openvino-model" not in ctx.cache:  # one conversion per model, shared by its dtypes
         dyn = ov.PartialShape([-1, -1])
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ctx.cache["openvino-model"] = ov.convert_model(
                 _cpu_fp32_module(ctx.base),
-                example_input=_example_inputs(ctx.base.config.vocab_size),
-                input=[(n, dyn, ov.Type.i64) for n in INPUT_NAMES],
+                example_input=_example_inputs(ctx.base.config.vocab_size, names),
+                input=[(n, dyn, ov.Type.i64) for n in names],
             )
     convert_s = time.perf_counter() - t0
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
@@ -204,7 +218,7 @@ def openvino_provider(ctx: Context) -> Provider:
 
     def prepare(b: Batch) -> Callable[[], Any]:
         request = compiled.create_infer_request()
-        feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, (b.input_ids, b.attention_mask, b.token_type_ids))}
+        feeds = {n: t.cpu().numpy() for n, t in b.kwargs().items() if n in names}
         # share_inputs: no copy of the (prepared, untimed) inputs; outputs are copied out, as
         # ONNX Runtime's are, so that each call returns its own array.
         return lambda: torch.from_numpy(request.infer(feeds, share_inputs=True)[0])

@@ -11,7 +11,8 @@ Built in (in this order):
   (backend forced through :func:`bert_fast.optimize`);
 * ``bert_fast-graphs``: ``bert_fast.optimize(cuda_graphs=True)`` (CUDA only): the encoder replayed
   from a CUDA graph per shape bucket (:mod:`bert_fast.cuda_graphs`);
-* ``hf-eager`` / ``hf-sdpa``: transformers' ``BertModel`` with that attention implementation;
+* ``hf-eager`` / ``hf-sdpa``: the transformers base model (``BertModel``, ``RobertaModel``,
+  ``DistilBertModel``, ...) with that attention implementation;
 * ``hf-sdpa-compile``: ``torch.compile`` of the HF sdpa model (default mode);
 * ``hf-compile-freezing``: ``torch.compile`` of the HF sdpa model with inductor ``freezing=True``,
   called under ``torch.no_grad`` (CPU: weights folded as constants and prepacked for oneDNN,
@@ -71,7 +72,8 @@ class Provider:
 class Context:
     """What a factory builds from: the models of one (model, dtype) and the run's settings."""
 
-    base: Any  # HF BertModel, fp32, eager attention, eval mode, on ``device``
+    base: Any  # HF base model of a BERT family (BertModel, RobertaModel, DistilBertModel, ...), fp32, eager
+    # attention, eval mode, on ``device``
     typed: Any  # the same weights in ``dtype`` (``base`` itself for fp32)
     device: torch.device
     dtype: str  # a key of DTYPES
@@ -244,20 +246,26 @@ def _openvino(ctx: Context) -> Provider:
 
 @register("linear-floor", "the model's linear layers alone on the packed real tokens (GEMM floor)")
 def _linear_floor(ctx: Context) -> Provider:
+    from bert_fast.families import family_of
+
+    model = ctx.typed
+    fam = family_of(model)
+    if fam is None:
+        raise Unavailable(f"linear-floor: {type(model).__name__} is not a BERT-family base model")
     layers = []
-    for layer in ctx.typed.encoder.layer:
-        sa = layer.attention.self
+    for layer in fam.layers(model):
+        p = fam.layer(layer, model.config)  # the family's module names mapped onto one LayerParts
         layers.append((
-            torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]),
-            torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]),
-            layer.attention.output.dense.weight,
-            layer.attention.output.dense.bias,
-            layer.intermediate.dense.weight,
-            layer.intermediate.dense.bias,
-            layer.output.dense.weight,
-            layer.output.dense.bias,
+            torch.cat([p.query.weight, p.key.weight, p.value.weight]),
+            torch.cat([p.query.bias, p.key.bias, p.value.bias]),
+            p.attn_out.weight,
+            p.attn_out.bias,
+            p.ffn_up.weight,
+            p.ffn_up.bias,
+            p.ffn_down.weight,
+            p.ffn_down.bias,
         ))  # fmt: skip
-    hidden = ctx.typed.config.hidden_size
+    hidden = model.config.hidden_size
     linear = torch.nn.functional.linear
     dtype, device, seed = DTYPES[ctx.dtype], ctx.device, ctx.seed
 

@@ -109,7 +109,7 @@ def validate(settings: Settings) -> None:
 
 
 def load_base_model(spec: str, device: torch.device, seed: int) -> tuple[Any, str, str]:
-    """(fp32 HF eager BertModel in eval mode, display name, source description)."""
+    """(fp32 HF eager base model of a BERT family in eval mode, display name, source description)."""
     import transformers
 
     from ..families import FAMILIES
@@ -136,6 +136,19 @@ def load_base_model(spec: str, device: torch.device, seed: int) -> tuple[Any, st
     else:
         raise SystemExit(f"--model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a local checkpoint directory")
     return model.to(device).eval(), name, source
+
+
+def _model_shape(base: Any) -> dict[str, Any]:
+    """What the workloads and the FLOP count need to know of ``base``: token types, pooler, longest input."""
+    from ..families import family_of
+
+    fam = family_of(base)
+    config = base.config
+    token_types = fam.has_token_types if fam is not None else hasattr(base.embeddings, "token_type_embeddings")
+    max_length = int(config.max_position_embeddings)
+    if fam is not None and fam.padding_positions:  # RoBERTa-style positions start after the padding index
+        max_length -= int(config.pad_token_id) + 1
+    return {"token_types": token_types, "pooler": getattr(base, "pooler", None) is not None, "max_length": max_length}
 
 
 @contextlib.contextmanager
@@ -208,6 +221,7 @@ def run(
             bar.set_description(f"{spec}: building")
             base, model_name, source = load_base_model(spec, device, settings.seed)
             config = base.config
+            shape = _model_shape(base)
             # Typed copies (weights cast once per dtype) and their providers, all kept alive so
             # that every cell measures all providers in interleaved rounds.
             groups: dict[str, list[Provider]] = {}
@@ -223,18 +237,23 @@ def run(
 
             for profile, batch, seq_len in grid:
                 w = make_workload(profile, batch, seq_len, config.vocab_size, settings.seed, device,
-                                  settings.varlen_min_fraction, settings.corpus_size)  # fmt: skip
+                                  settings.varlen_min_fraction, settings.corpus_size,
+                                  token_types=shape["token_types"], max_length=shape["max_length"])  # fmt: skip
                 cell_base = dict(
                     model=model_name, model_source=source, device=str(device), batch=w.batch, seq_len=w.seq_len,
                     profile=profile, real_tokens=w.real_tokens, padding_fraction=round(w.padding_fraction, 6),
                     lengths=list(w.lengths), num_batches=len(w.batches), repeats=settings.repeats,
                     warmup=settings.warmup, workload_notes=w.notes,
                 )  # fmt: skip
-                if deadline is not None and time.perf_counter() > deadline:
+                skip = None
+                if w.seq_len > shape["max_length"]:
+                    skip = f"sequence length {w.seq_len} exceeds the model's maximum of {shape['max_length']}"
+                elif deadline is not None and time.perf_counter() > deadline:
+                    skip = f"time budget of {budget:g} s reached"
+                if skip is not None:
                     for dname in settings.dtypes:
                         for prov in groups[dname]:
-                            records.append(_record(cell_base, dname, prov.name, "skipped",
-                                                   f"time budget of {budget:g} s reached"))  # fmt: skip
+                            records.append(_record(cell_base, dname, prov.name, "skipped", skip))
                             bar.update(per_cell_calls)
                     continue
                 with torch.inference_mode():
@@ -242,7 +261,7 @@ def run(
                     refs = [base(**b.kwargs()).last_hidden_state.float()[b.valid] for b in w.batches]
                     for dname in settings.dtypes:
                         records.extend(_measure_cell(groups[dname], w, cell_base, dname, config, device, settings,
-                                                     refs, bar, model_name))  # fmt: skip
+                                                     refs, bar, model_name, shape["pooler"]))  # fmt: skip
                 del refs
                 if checkpoint is not None:
                     checkpoint(save(partial=True))
@@ -279,6 +298,7 @@ def _measure_cell(
     refs: list[torch.Tensor],
     bar: Any,
     model_name: str,
+    pooler: bool = True,
 ) -> list[dict]:
     per_cell_calls = settings.warmup + settings.repeats + 1
     label = f"{model_name} {dname} {w.batch}x{w.seq_len} {w.profile}"
@@ -340,7 +360,7 @@ def _measure_cell(
         err = None
         if res is not None and all(x is not None for x in res):
             err = max(float((x.float()[b.valid] - ref).abs().max().item()) for x, b, ref in zip(res, w.batches, refs))
-        flops = model_flops(config, w.lengths, linear_only=prov.name == "linear-floor")
+        flops = model_flops(config, w.lengths, linear_only=prov.name == "linear-floor", pooler=pooler)
         peak_tf, peak_src = (None, None)
         if device.type == "cuda":
             peak_tf, peak_src = measure.gpu_peak_tflops(torch.cuda.get_device_name(device), dname,

@@ -77,14 +77,18 @@ class Batch:
     lengths: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor
+    token_type_ids: torch.Tensor | None  # None: the model takes no token types (DistilBERT)
 
     @property
     def valid(self) -> torch.Tensor:
         return self.attention_mask.bool()
 
     def kwargs(self) -> dict[str, torch.Tensor]:
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, token_type_ids=self.token_type_ids)
+        """The model's inputs by name, in the order the engines export them (no ``token_type_ids`` if None)."""
+        out = dict(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return out
 
 
 @dataclasses.dataclass
@@ -123,7 +127,7 @@ class Workload:
         return self.batches[0].attention_mask
 
     @property
-    def token_type_ids(self) -> torch.Tensor:
+    def token_type_ids(self) -> torch.Tensor | None:
         return self.batches[0].token_type_ids
 
     @property
@@ -179,11 +183,15 @@ def _ids(lengths: Sequence[int], seq_len: int, vocab_size: int, gen: torch.Gener
     return ids * mask, mask  # id 0 ([PAD] in BERT vocabularies) at padded positions
 
 
-def make_batch(lengths: Sequence[int], seq_len: int, vocab_size: int, seed: int, device: torch.device) -> Batch:
-    """Random ids (seeded) for sequences of ``lengths`` padded to ``seq_len``."""
+def make_batch(
+    lengths: Sequence[int], seq_len: int, vocab_size: int, seed: int, device: torch.device, token_types: bool = True
+) -> Batch:
+    """Random ids (seeded) for sequences of ``lengths`` padded to ``seq_len``; ``token_types=False``: no
+    ``token_type_ids`` (a model without token types, e.g. DistilBERT)."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + len(lengths) * 1009 + seq_len) & 0x7FFFFFFF)
     ids, mask = _ids(lengths, seq_len, vocab_size, gen)
-    return Batch(list(lengths), ids.to(device), mask.to(device), torch.zeros_like(ids).to(device))
+    types = torch.zeros_like(ids).to(device) if token_types else None
+    return Batch(list(lengths), ids.to(device), mask.to(device), types)
 
 
 def make_workload(
@@ -195,35 +203,57 @@ def make_workload(
     device: torch.device,
     min_fraction: float = 0.125,
     corpus_size: int = 256,
+    token_types: bool = True,
+    max_length: int = 512,
 ) -> Workload:
-    """The workload of one cell; the shape-fixing profiles override ``batch`` / ``seq_len``."""
+    """The workload of one cell; the shape-fixing profiles override ``batch`` / ``seq_len``.
+
+    ``token_types``: whether the batches carry ``token_type_ids`` (``False`` for a model without them).
+    ``max_length``: the model's longest input, where the ``corpus`` profile truncates.
+    """
     if profile == "corpus":
         from .corpus import corpus_batches
 
-        batches, notes = corpus_batches(corpus_size, vocab_size, seed, device, max_length=min(seq_len, 512))
+        batches, notes = corpus_batches(corpus_size, vocab_size, seed, device, max_length=min(seq_len, max_length),
+                                        token_types=token_types)  # fmt: skip
         return Workload(profile, sum(len(b.lengths) for b in batches), max(max(b.lengths) for b in batches),
                         batches, notes)  # fmt: skip
     if profile in FIXED_SHAPE_PROFILES:
         batch, seq_len = len(FIXED_SHAPE_PROFILES[profile]), max(FIXED_SHAPE_PROFILES[profile])
     lengths = profile_lengths(profile, batch, seq_len, seed, min_fraction)
-    return Workload(profile, batch, seq_len, [make_batch(lengths, seq_len, vocab_size, seed, device)])
+    return Workload(profile, batch, seq_len, [make_batch(lengths, seq_len, vocab_size, seed, device, token_types)])
 
 
-def model_flops(config: Any, lengths: Sequence[int], linear_only: bool = False) -> float:
+def intermediate_size(config: Any) -> int:
+    """The FFN width of ``config``, whatever the family calls it (DistilBERT: ``hidden_dim``)."""
+    inter = getattr(config, "intermediate_size", None)
+    if inter is not None:
+        return int(inter)
+    from ..families import FAMILIES
+
+    model_type = getattr(config, "model_type", "bert")
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return int(fam.intermediate_size(config))
+    raise ValueError(f"model_type {model_type!r}: no intermediate size in its configuration")
+
+
+def model_flops(config: Any, lengths: Sequence[int], linear_only: bool = False, pooler: bool = True) -> float:
     """Useful FLOPs of one forward on sequences of ``lengths`` (padding excluded).
 
     Per layer: the four linear layers, 2 N (4 H^2 + 2 H I), and attention, 4 H sum(L_i^2)
-    (QK^T and PV); plus the pooler, 2 B H^2. Softmax, LayerNorm, GELU and embeddings are
-    O(N H) and left out. ``linear_only``: the linear layers only (the ``linear-floor`` work).
-    For a multi-batch workload pass all its lengths: the sum over batches is the same.
+    (QK^T and PV); plus the pooler, 2 B H^2 (``pooler=False`` for a model without one: ELECTRA,
+    DistilBERT). Softmax, LayerNorm, GELU and embeddings are O(N H) and left out. ``linear_only``:
+    the linear layers only (the ``linear-floor`` work). For a multi-batch workload pass all its
+    lengths: the sum over batches is the same.
     """
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, inter, layers = config.hidden_size, intermediate_size(config), config.num_hidden_layers
     n = sum(lengths)
     linear = 2.0 * n * (4 * h * h + 2 * h * inter)
     if linear_only:
         return layers * linear
     attention = 4.0 * h * sum(length * length for length in lengths)
-    return layers * (linear + attention) + 2.0 * len(lengths) * h * h
+    return layers * (linear + attention) + (2.0 * len(lengths) * h * h if pooler else 0.0)
 
 
 class PresetConfig:
