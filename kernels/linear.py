@@ -40,6 +40,20 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 #: 0.9 ms; 128 rows fp32 14.7 -> 12.4 ms, bf16 7.3 -> 3.5 ms; at 524 rows fp32 was 9% slower).
 PACKED_MAX_ROWS = 256
 
+#: Above this many rows, the row count given to the prepacked GEMM is rounded up to a multiple of it
+#: (zero rows appended, their outputs sliced off). oneDNN creates and caches one primitive, with its
+#: JIT code, per distinct row count: a stream of random batch shapes otherwise grows resident memory
+#: by ~0.5 MB per new token count (benchmarks/soak.py). With the rounding, at most
+#: ``2 * PACKED_ROW_BUCKET`` row counts (here 32) per weight shape ever reach oneDNN.
+PACKED_ROW_BUCKET = 16
+
+
+def _packed_rows(rows: int) -> int:
+    """The row count the prepacked GEMM runs for ``rows`` rows (see :data:`PACKED_ROW_BUCKET`)."""
+    if rows <= PACKED_ROW_BUCKET:
+        return rows
+    return -(-rows // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
+
 
 def _cpu_capability() -> str:
     """ATen's vector ISA on this CPU (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``, ...), read at run time."""
@@ -112,7 +126,12 @@ def _linear_cpu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Callable[[], torch.Tensor] | None
 ) -> torch.Tensor:
     if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and _mkldnn_linear_available(x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x, packed(), bias, "none", [], "")
+        rows = x.shape[0]
+        padded = _packed_rows(rows)
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, packed(), bias, "none", [], "")
+        x = torch.cat((x, x.new_zeros((padded - rows, x.shape[1]))))
+        return torch.ops.mkldnn._linear_pointwise(x, packed(), bias, "none", [], "")[:rows]
     return torch.ops.bert_fast.linear(x, weight, bias)
 
 
