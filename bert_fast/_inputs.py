@@ -200,7 +200,10 @@ PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 def is_packed_by_position_ids(
     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int
 ) -> bool:
-    """HF's flash-attention rule: one row, no mask, and ``position_ids`` restarting at 0 inside it.
+    """One row, no mask, and ``position_ids`` that read as sequences laid end to end: they start at 0,
+    each next position is the previous plus one or a restart at 0, and there is at least one restart
+    (what ``DataCollatorWithFlattening`` makes). Any other position ids — arbitrary values given for
+    one sequence — keep HF's eager/sdpa meaning: one sequence with those positions.
 
     Reads the position ids on the host (one synchronization); only consulted when the call gives
     ``position_ids`` for a single row without a mask and without ``cu_seq_lens_q/k``.
@@ -208,7 +211,11 @@ def is_packed_by_position_ids(
     if position_ids is None or attention_mask is not None or batch != 1 or position_ids.numel() < 2:
         return False
     flat = position_ids.reshape(-1)
-    return bool((flat[1:] == 0).any())
+    if int(flat[0]) != 0:
+        return False
+    nxt = flat[1:]
+    restart = nxt == 0
+    return bool(restart.any()) and bool(((nxt == flat[:-1] + 1) | restart).all())
 
 
 def _as_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -175,12 +175,20 @@ def usable_dtypes(backend: str, device: str | torch.device = DEVICE, dtypes: Seq
 
 def fuzz_settings(backend: str, device: str | torch.device = DEVICE, max_examples: int = 25):
     """Hypothesis settings for one op x backend: bounded examples (fewer under the slow Triton
-    interpreter), no deadline (first calls compile), no example database written into the tree."""
+    interpreter), no deadline (first calls compile), no example database written into the tree.
+
+    The examples are derandomized (the same every run), so a CI result is reproducible; set
+    ``BERT_FAST_FUZZ=explore`` to draw fresh random examples (and ``BERT_FAST_FUZZ_EXAMPLES=N`` for
+    more of them) when hunting for bugs."""
     from hypothesis import settings
 
-    if backend == "triton" and torch.device(device).type == "cpu":
+    explore = os.environ.get("BERT_FAST_FUZZ", "") == "explore"
+    max_examples = int(os.environ.get("BERT_FAST_FUZZ_EXAMPLES", max_examples))
+    if backend == "triton" and torch.device(device).type == "cpu" and "BERT_FAST_FUZZ_EXAMPLES" not in os.environ:
         max_examples = min(max_examples, 10)
-    return settings(max_examples=max_examples, deadline=None, database=None, print_blob=True)
+    return settings(
+        max_examples=max_examples, deadline=None, database=None, print_blob=True, derandomize=not explore
+    )
 
 
 def skip_unless_cpp(device: str | torch.device = "cpu") -> None:

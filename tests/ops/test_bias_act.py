@@ -108,7 +108,8 @@ def test_gradients_equal_reference(backend, device, activation):
     out_r, g_r = grads("torch")
     assert_close_fp32(out_f, out_r, FP32_OP_ATOL, f"{backend} forward")
     for i, (a, r) in enumerate(zip(g_f, g_r)):
-        assert torch.allclose(a, r, rtol=0, atol=1e-6), f"{backend}: gradient {i} differs"
+        # the bias gradient is a column sum: its order of summation differs from autograd's
+        assert_close_fp32(a, r, FP32_OP_ATOL, f"{backend}: gradient {i}")
 
 
 def test_triton_rejects_float64():
