@@ -9,7 +9,8 @@ import os
 import re
 from typing import Any
 
-#: 2: the mixed-length profile got its descriptive name ``mixed``; records gained ``compile_s``, ``num_batches``, ``workload_notes``.
+#: 2: the mixed-length profile got its descriptive name ``mixed``; records gained ``compile_s``,
+#: ``num_batches``, ``workload_notes``.
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "unavailable", "error", "skipped")
 BASELINE = "hf-sdpa"
