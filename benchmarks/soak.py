@@ -70,8 +70,11 @@ def _child(args: argparse.Namespace) -> dict:
         import bert_fast
 
         bert_fast.optimize(model, backend=args.backend)
+        linear = sys.modules["bert_fast.kernels.linear"]
         if args.packed_max_rows >= 0:  # diagnostic: move the cut-off of the prepacked oneDNN GEMMs
-            sys.modules["bert_fast.kernels.linear"].PACKED_MAX_ROWS = args.packed_max_rows
+            linear.PACKED_MAX_ROWS = args.packed_max_rows
+        if args.packed_row_bucket > 0:  # diagnostic: 1 = no rounding of row counts (one primitive each)
+            linear.PACKED_ROW_BUCKET = args.packed_row_bucket
     stream = shapes(args.seed, args.calls, args.max_batch, args.max_len)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -145,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         default=-1,
         help="diagnostic: bert_fast's prepacked-GEMM row cut-off (-1: leave it; 0: never prepacked)",
     )
+    p.add_argument(
+        "--packed-row-bucket",
+        type=int,
+        default=0,
+        help="diagnostic: bert_fast's row-count rounding for the prepacked GEMMs (0: leave it; 1: none)",
+    )
     p.add_argument("--out", default="", help="write the results (a JSON list) here")
     # One configuration, in this process (what the parent runs in each child).
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--calls={args.calls}", f"--warmup={args.warmup}", f"--every={args.every}", f"--seed={args.seed}",
         f"--max-batch={args.max_batch}", f"--max-len={args.max_len}", f"--hidden={args.hidden}",
         f"--layers={args.layers}", f"--heads={args.heads}", f"--vocab={args.vocab}", f"--threads={args.threads}",
-        f"--packed-max-rows={args.packed_max_rows}",
+        f"--packed-max-rows={args.packed_max_rows}", f"--packed-row-bucket={args.packed_row_bucket}",
     ] + (["--malloc-trim"] if args.malloc_trim else [])  # fmt: skip
     configs = []
     for dtype in args.dtypes.split(","):
