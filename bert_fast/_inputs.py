@@ -9,10 +9,14 @@ Two input layouts reach the model:
   sequence, optional ``cu_seq_lens_q/k`` and ``max_length_q/k``, no mask: :func:`validate_packed`.
 
 Checks that need host values (id ranges, mask values, offsets) synchronize with the device once
-per forward; ``validate=False`` skips them for packed input whose offsets are given.
+per forward; ``validate=False`` skips them for packed input whose offsets are given. While
+``torch.compile`` traces the forward they are skipped too (:func:`reads_values`): validation runs in
+eager; a compiled model checks shapes, dtypes and devices only, as ``validate_inputs=False`` does.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -66,8 +70,19 @@ def embedding_width(config: transformers.PretrainedConfig) -> int:
     return int(getattr(config, "embedding_size", None) or config.hidden_size)
 
 
+def reads_values(validate: bool = True) -> bool:
+    """Whether the checks that read device values (id ranges, mask values, offsets) run: in eager
+    unless ``validate_inputs=False``; never while ``torch.compile`` traces the forward, where each
+    would be a host synchronization and a graph break (a compiled model's inputs are validated by
+    running it eagerly, or not at all, as with ``validate_inputs=False``). Checks of shapes, dtypes
+    and devices always run."""
+    return validate and not torch.compiler.is_compiling()
+
+
 def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """A (B, L) bool tensor of real tokens from a 2D 0/1 mask or a 4D additive/bool mask."""
+    """A (B, L) bool tensor of real tokens from a 2D 0/1 mask or a 4D additive/bool mask (its values
+    are checked only where :func:`reads_values`)."""
+    values = reads_values()
     if mask.dim() == 2:
         if tuple(mask.shape) != (batch, seq_len):
             raise ValueError(
@@ -77,7 +92,7 @@ def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tenso
             return mask
         if mask.is_floating_point() or mask.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
             bad = (mask != 0) & (mask != 1)
-            if bool(bad.any()):
+            if values and bool(bad.any()):
                 value = mask[bad].flatten()[0].item()
                 raise ValueError(
                     f"attention_mask must hold only 0 (padding) and 1 (token); found {value!r}. "
@@ -97,7 +112,7 @@ def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tenso
         elif mask.is_floating_point():
             # HF's additive convention: 0 keeps a key, a large negative value (finfo.min) masks it.
             masked = mask <= -1e4
-            if bool(((mask != 0) & ~masked).any()):
+            if values and bool(((mask != 0) & ~masked).any()):
                 raise NotImplementedError(
                     "4D attention_mask with values other than 0 (keep) and a large negative number (mask) is an "
                     "additive bias; the padding-free path supports key padding masks only"
@@ -106,7 +121,7 @@ def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tenso
         else:
             raise ValueError(f"4D attention_mask has unsupported dtype {mask.dtype}")
         keep = keep[:, 0]
-        if keep.shape[1] != 1 and not bool((keep == keep[:, :1]).all()):
+        if values and keep.shape[1] != 1 and not bool((keep == keep[:, :1]).all()):
             raise NotImplementedError(
                 "4D attention_mask varies across query positions; the padding-free path supports key padding "
                 "masks only (the same keys for every query)"
@@ -118,11 +133,17 @@ def valid_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tenso
     )
 
 
-def check_ids(name: str, ids: torch.Tensor, limit: int, limit_name: str, shape: tuple[int, int]) -> None:
+def check_ids(
+    name: str, ids: torch.Tensor, limit: int, limit_name: str, shape: tuple[int, ...], values: bool = True
+) -> None:
+    """``ids`` is an integer tensor of ``shape``; with ``values``, every id lies in ``[0, limit)``
+    (one host synchronization)."""
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
     if tuple(ids.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {shape}")
+    if not values:
+        return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= limit:
@@ -136,60 +157,92 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} is on {t.device} but the model is on {device}; move them to one device")
 
 
-def validate_padded(
-    config: transformers.PretrainedConfig,
-    default_position_ids: torch.Tensor,
-    device: torch.device,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
-    """Check a padded (B, L) call; returns ``(batch, seq_len, position_ids (B, L), valid (B, L) or None)``."""
-    if (input_ids is None) == (inputs_embeds is None):
+class Inputs(NamedTuple):
+    """The token inputs of one forward call, as the caller gave them."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    token_type_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+
+
+def _check_lead(
+    config: transformers.PretrainedConfig, device: torch.device, x: Inputs, packed: bool
+) -> tuple[int, int]:
+    """Exactly one of ``input_ids`` / ``inputs_embeds``, shaped for the layout ((B, L[, H]), or
+    (1, T[, H]) when ``packed``), not empty, and every given tensor on ``device``: ``(B, L)``."""
+    ids, embeds = x.input_ids, x.inputs_embeds
+    if (ids is None) == (embeds is None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len); got {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
-    else:
-        width = embedding_width(config)
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, seq_len, {width}); "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        batch, seq_len = inputs_embeds.shape[:2]
+    lead = ids if ids is not None else embeds
+    dims = 2 if ids is not None else 3
+    width = embedding_width(config)
+    if lead.dim() != dims or (packed and lead.shape[0] != 1) or (embeds is not None and lead.shape[-1] != width):
+        if packed and ids is not None:
+            expected = "packed input (cu_seq_lens_q/k, or position_ids restarting at 0) needs input_ids of shape "
+            expected += "(1, total_tokens)"
+        elif packed:
+            expected = f"packed input needs inputs_embeds of shape (1, total_tokens, {width})"
+        elif ids is not None:
+            expected = "input_ids must have shape (batch, seq_len)"
+        else:
+            expected = f"inputs_embeds must have shape (batch, seq_len, {width})"
+        raise ValueError(f"{expected}; got {tuple(lead.shape)}")
+    batch, seq_len = lead.shape[:2]
     if batch == 0 or seq_len == 0:
-        raise ValueError(f"empty batch: inputs have shape ({batch}, {seq_len})")
+        shape = "packed input has 0 tokens" if packed else f"inputs have shape ({batch}, {seq_len})"
+        raise ValueError(f"empty batch: {shape}")
     check_devices(
         device,
-        input_ids=input_ids,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
-        position_ids=position_ids,
+        input_ids=ids,
+        inputs_embeds=embeds,
+        attention_mask=x.attention_mask,
+        token_type_ids=x.token_type_ids,
+        position_ids=x.position_ids,
     )
+    return batch, seq_len
+
+
+def _check_token_ids(config: transformers.PretrainedConfig, x: Inputs, shape: tuple[int, int], values: bool) -> None:
+    """``input_ids`` and ``token_type_ids`` (where given): integer, of ``shape``, in range if ``values``."""
+    if x.input_ids is not None:
+        check_ids("input_ids", x.input_ids, config.vocab_size, "config.vocab_size", shape, values)
+    if x.token_type_ids is not None:
+        check_ids("token_type_ids", x.token_type_ids, config.type_vocab_size, "config.type_vocab_size", shape, values)
+
+
+def _check_length(config: transformers.PretrainedConfig, seq_len: int) -> None:
     max_pos = config.max_position_embeddings
+    if seq_len > max_pos:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the model's maximum of {max_pos} "
+            f"(config.max_position_embeddings={max_pos})"
+        )
+
+
+def validate_padded(
+    config: transformers.PretrainedConfig, default_position_ids: torch.Tensor, device: torch.device, x: Inputs
+) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    """Check a padded (B, L) call; returns ``(batch, seq_len, position_ids (B, L), valid (B, L) or None)``.
+
+    Id ranges and mask values are checked where :func:`reads_values` (not under ``torch.compile``).
+    """
+    batch, seq_len = _check_lead(config, device, x, packed=False)
+    values = reads_values()
+    position_ids = x.position_ids
     if position_ids is None:
-        if seq_len > max_pos:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds the model's maximum of {max_pos} "
-                f"(config.max_position_embeddings={max_pos})"
-            )
+        _check_length(config, seq_len)
         position_ids = default_position_ids[:, :seq_len].expand(batch, seq_len)
     else:
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         if position_ids.dim() == 2 and position_ids.shape[0] == 1:
             position_ids = position_ids.expand(batch, -1)
-        check_ids("position_ids", position_ids, max_pos, "config.max_position_embeddings", (batch, seq_len))
-    if input_ids is not None:
-        check_ids("input_ids", input_ids, config.vocab_size, "config.vocab_size", (batch, seq_len))
-    if token_type_ids is not None:
-        check_ids("token_type_ids", token_type_ids, config.type_vocab_size, "config.type_vocab_size", (batch, seq_len))
-    valid = None if attention_mask is None else valid_from_mask(attention_mask, batch, seq_len)
+        max_pos = config.max_position_embeddings
+        check_ids("position_ids", position_ids, max_pos, "config.max_position_embeddings", (batch, seq_len), values)
+    _check_token_ids(config, x, (batch, seq_len), values)
+    valid = None if x.attention_mask is None else valid_from_mask(x.attention_mask, batch, seq_len)
     return batch, seq_len, position_ids, valid
 
 
@@ -229,50 +282,21 @@ def _as_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> torch.T
 
 
 def validate_packed(
-    config: transformers.PretrainedConfig,
-    device: torch.device,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-    packed: dict,
-    validate: bool = True,
+    config: transformers.PretrainedConfig, device: torch.device, x: Inputs, packed: dict, validate: bool = True
 ) -> tuple[int, torch.Tensor, torch.Tensor, int]:
     """Check a packed call; returns ``(total_tokens, position_ids (T,), cu_seqlens (int32), max_seqlen)``.
 
     ``packed`` holds the given ``cu_seq_lens_q/k`` and ``max_length_q/k`` (possibly none of them:
     then ``cu_seqlens`` is derived from where ``position_ids`` restart at 0). ``validate=False``
     skips every check that reads device values (offsets, id ranges), so a call that gives
-    ``cu_seq_lens_q`` (int32), ``max_length_q`` and ``position_ids`` synchronizes nothing.
+    ``cu_seq_lens_q`` (int32), ``max_length_q`` and ``position_ids`` synchronizes nothing; under
+    ``torch.compile`` they are skipped as well (:func:`reads_values`), and such a call traces
+    without a graph break. Offsets derived from ``position_ids``, or a longest sequence derived from
+    the offsets, are device values read on the host: those calls break a traced graph there.
     """
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    hidden = embedding_width(config)
-    if input_ids is not None:
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(
-                f"packed input (cu_seq_lens_q/k, or position_ids restarting at 0) needs input_ids of shape "
-                f"(1, total_tokens); got {tuple(input_ids.shape)}"
-            )
-        total = input_ids.shape[1]
-    else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1 or inputs_embeds.shape[2] != hidden:
-            raise ValueError(
-                f"packed input needs inputs_embeds of shape (1, total_tokens, {hidden}); "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        total = inputs_embeds.shape[1]
-    if total == 0:
-        raise ValueError("empty batch: packed input has 0 tokens")
-    check_devices(
-        device,
-        input_ids=input_ids,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
-        position_ids=position_ids,
-    )
+    _, total = _check_lead(config, device, x, packed=True)
+    validate = reads_values(validate)
+    attention_mask, position_ids = x.attention_mask, x.position_ids
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (1, total) or (validate and not bool((attention_mask != 0).all())):
             raise ValueError(
@@ -323,23 +347,15 @@ def validate_packed(
         max_seqlen = actual
     else:
         max_seqlen = int(given_max)
-    if max_seqlen > max_pos:
-        raise ValueError(
-            f"sequence length {max_seqlen} exceeds the model's maximum of {max_pos} "
-            f"(config.max_position_embeddings={max_pos})"
-        )
+    _check_length(config, max_seqlen)
     if position_ids is None:
-        lens = (cu[1:] - cu[:-1]).long()
-        position_ids = torch.arange(total, device=device) - torch.repeat_interleave(
-            cu[:-1].long(), lens, output_size=total
-        )
-    elif validate:
-        check_ids("position_ids", position_ids, max_pos, "config.max_position_embeddings", (total,))
-    if validate and input_ids is not None:
-        check_ids("input_ids", input_ids, config.vocab_size, "config.vocab_size", (1, total))
-    if token_type_ids is not None:
-        if tuple(token_type_ids.shape) != (1, total):
-            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected (1, {total})")
-        if validate:
-            check_ids("token_type_ids", token_type_ids, config.type_vocab_size, "config.type_vocab_size", (1, total))
+        # Each token's index in its sequence: its offset minus the start of the sequence holding it
+        # (the last start at or before it; an empty sequence's start equals the next one's). No
+        # data-dependent shapes, so a traced graph stays whole.
+        cu_long = cu.long()
+        index = torch.arange(total, device=device)
+        position_ids = index - cu_long[torch.searchsorted(cu_long, index, right=True) - 1]
+    else:
+        check_ids("position_ids", position_ids, max_pos, "config.max_position_embeddings", (total,), validate)
+    _check_token_ids(config, x, (1, total), validate)
     return total, position_ids, cu, max_seqlen

@@ -65,7 +65,10 @@ def _prepare_layer(p: LayerParts, head_dim: int) -> _Layer:
 def layers(model, fam: Family, config, head_dim: int) -> list[_Layer]:
     """Every layer's :class:`_Layer`, cached until a Parameter, buffer or submodule of any module is
     (re)assigned (:func:`bert_fast._plan.structure_epoch`). Parameters are held as objects: ``.to()``
-    and in-place updates change what they hold, not which object they are."""
+    and in-place updates change what they hold, not which object they are. Under ``torch.compile``
+    the lookup runs afresh (Dynamo guards on the modules it reads)."""
+    if torch.compiler.is_compiling():  # traced: looked up afresh, no cache to lock or mutate
+        return [_prepare_layer(fam.layer(layer, config), head_dim) for layer in fam.layers(model)]
     table = _plan._table(model)
     epoch = _plan.structure_epoch()
     cached = table.get("layers")

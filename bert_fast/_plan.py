@@ -17,6 +17,12 @@ cannot be copied or pickled), and a copy builds its own on first use. Entries
 are keyed by the identity and version of the tensors they derive from (a new Parameter, ``.to()``
 or an in-place update rebuilds them). Building is serialized by one lock, so threads racing on
 first use build an entry once; lookups take no lock.
+
+**Under** ``torch.compile`` (``torch.compiler.is_compiling()``) the caches are bypassed: a derived
+value is computed from its tensors inside the graph (the fused QKV weight is a ``torch.cat`` the
+compiler folds or fuses), with no lock, no data-pointer key and no opaque prepacked weight, so
+Dynamo traces the forward without a graph break. The plan is resolved outside the trace, once per
+traced graph (:func:`plan_for`).
 """
 
 from __future__ import annotations
@@ -130,6 +136,10 @@ def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]
     The entry keeps aliases of ``tensors`` alive: their storages cannot be freed and their addresses
     reused by a new tensor (``.to()`` there and back, a new Parameter) while the key names them.
     """
+    if torch.compiler.is_compiling():
+        # Traced: no cache (its lock and storage-address keys break the graph); the compiler sees
+        # the derivation itself.
+        return build()
     table = _table(owner)
     key = _version_key(tensors)
     cached = table.get(name)
@@ -146,7 +156,7 @@ def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]
 
 def fused_qkv_of(owner: torch.nn.Module, tensors: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_qkv` from the tensors ``(w_q, w_k, w_v, b_q, b_k, b_v)`` themselves."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return torch.cat(tensors[:3]), torch.cat(tensors[3:])
     return derived(owner, "qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
 
@@ -156,15 +166,19 @@ def fused_qkv(self_attn: torch.nn.Module, q=None, k=None, v=None) -> tuple[torch
     the given linears); concatenated afresh under autograd."""
     if q is None:
         q, k, v = self_attn.query, self_attn.key, self_attn.value
-    tensors = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return torch.cat(tensors[:3]), torch.cat(tensors[3:])
-    return derived(self_attn, "qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
+    return fused_qkv_of(self_attn, (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias))
 
 
 def packer(owner: torch.nn.Module, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A callable giving ``weight`` prepacked for oneDNN, built on its first call and cached for ``owner``."""
     return lambda: derived(owner, "packed", (weight,), lambda: K.prepack_weight(weight))
+
+
+#: The op of each slot of :class:`Plan`, (the order of :func:`_select`'s ``backends``).
+_SLOT_OPS = {
+    "embed": EMBED, "linear": LINEAR, "attention": ATTENTION, "layer_norm": LAYER_NORM, "bias_act": BIAS_ACT,
+    "unpad_mask": UNPAD_MASK, "gather_rows": GATHER_ROWS, "scatter_rows": SCATTER_ROWS,
+}  # fmt: skip
 
 
 class Plan:
@@ -201,24 +215,26 @@ def build_plan(model, device: torch.device, dtype: torch.dtype, grad: bool, trai
     cu = torch.zeros((2,), device=device, dtype=torch.int32)
     mask = torch.empty((1, 0), device=device, dtype=torch.bool)
     w = layer.ffn_up.weight if layer is not None else torch.empty((0, hidden), device=device, dtype=dtype)
-    calls = {
-        "embed": (EMBED, (ids, ids, ids, emb.word_embeddings.weight, emb.position_embeddings.weight,
-                          fam.type_table(emb), emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, None)),
-        "linear": (LINEAR, (x, w, None, None)),
-        "attention": (ATTENTION, (q, k, v, cu, config.max_position_embeddings, 1.0, dropout)),
-        "layer_norm": (LAYER_NORM, (x, ln.weight, ln.bias, ln.eps, ln.bias, x)),
-        "bias_act": (BIAS_ACT, (inter, None, "gelu")),
-        "unpad_mask": (UNPAD_MASK, (mask,)),
-        "gather_rows": (GATHER_ROWS, (x, ids)),
-        "scatter_rows": (SCATTER_ROWS, (x, ids, 0)),
+    args = {
+        "embed": (ids, ids, ids, emb.word_embeddings.weight, emb.position_embeddings.weight, fam.type_table(emb),
+                  emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, None),
+        "linear": (x, w, None, None),
+        "attention": (q, k, v, cu, config.max_position_embeddings, 1.0, dropout),
+        "layer_norm": (x, ln.weight, ln.bias, ln.eps, ln.bias, x),
+        "bias_act": (inter, None, "gelu"),
+        "unpad_mask": (mask,),
+        "gather_rows": (x, ids),
+        "scatter_rows": (x, ids, 0),
     }  # fmt: skip
+    return _select(tuple(op.resolve(device, requested, args[slot]) for slot, op in _SLOT_OPS.items()), device, grad)
+
+
+def _select(backends: tuple[str, ...], device: torch.device, grad: bool) -> Plan:
+    """The plan running each slot's op on the backend at the same place in ``backends``."""
     plan = Plan()
-    backends = {}
-    for slot, (op, args) in calls.items():
-        be = op.resolve(device, requested, args)
-        backends[op.name] = be
+    for (slot, op), be in zip(_SLOT_OPS.items(), backends):
         setattr(plan, slot, op.select(be, device, grad))
-    plan.backends = backends
+    plan.backends = {op.name: be for op, be in zip(_SLOT_OPS.values(), backends)}
     return plan
 
 
@@ -228,17 +244,39 @@ def requested_backend(model) -> str:
 
 
 def plan_for(model, dtype: torch.dtype | None = None) -> Plan:
-    """The cached plan of ``model`` for its current device, dtype, grad mode, train/eval and backend."""
+    """The cached plan of ``model`` for its current device, dtype, grad mode, train/eval and backend.
+
+    Under ``torch.compile`` the plan is looked up (or built) once while the graph is traced, outside
+    the trace (:func:`_backends_when_traced`): the graph holds only the calls of the plan's callables.
+    """
+    grad = torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        backends = _backends_when_traced(model, dtype, grad, model.training)
+        return _select(backends, model.embeddings.word_embeddings.weight.device, grad)
+    return _cached_plan(model, dtype, grad, model.training)
+
+
+def _cached_plan(model, dtype: torch.dtype | None, grad: bool, training: bool) -> Plan:
     param = model.embeddings.word_embeddings.weight
     device = param.device
     dtype = param.dtype if dtype is None else dtype
-    grad = torch.is_grad_enabled()
-    key = (device, dtype, grad, model.training, requested_backend(model))
+    key = (device, dtype, grad, training, requested_backend(model))
     table = _table(model)
     plans = table.get("plans")
     plan = plans.get(key) if plans is not None else None
     if plan is None:
-        plan = build_plan(model, device, dtype, grad, model.training, key[-1])
+        plan = build_plan(model, device, dtype, grad, training, key[-1])
         with _lock:
             table.setdefault("plans", {})[key] = plan
     return plan
+
+
+@torch.compiler.assume_constant_result
+def _backends_when_traced(model, dtype: torch.dtype | None, grad: bool, training: bool) -> tuple[str, ...]:
+    # Run as plain Python while Dynamo traces, its result (the backend names) a constant of the
+    # graph: resolving a plan imports the extension, probes backends and takes the cache's lock,
+    # none of which Dynamo can trace. Dynamo guards the module, its parameters (device, dtype), grad
+    # mode and ``training``; the ``use_backend`` context / BERT_FAST_BACKEND in effect while tracing
+    # is fixed for the graph.
+    plan = _cached_plan(model, dtype, grad, training)
+    return tuple(plan.backends[op.name] for op in _SLOT_OPS.values())

@@ -29,6 +29,14 @@ derived from the restarts. ``validate_inputs=False`` skips the checks that read 
 (offsets, id ranges): with ``cu_seq_lens_q``, ``max_length_q`` and ``position_ids`` given, the
 forward then never synchronizes with the device for its inputs.
 
+Under ``torch.compile`` the forward traces without a graph break for unpadded input (no mask) and
+for packed input with ``cu_seq_lens_q/k`` and ``max_length_q/k`` given (no autograd recording):
+the checks that read device values are skipped while tracing (validation runs in eager, as with
+``validate_inputs=False``), the derived weights are computed in the graph and the plan is resolved
+outside it (:mod:`bert_fast._plan`). Input with an ``attention_mask`` still breaks the graph where
+the token counts are read (to skip the unpad when nothing is padded, and by the unpad itself), as
+does packed input whose offsets or longest length must be derived on the host.
+
 In training mode the same path runs with dropout at HF's places and exact gradients. Activation
 checkpointing enabled with HF's ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()``
 is honoured: each flagged layer is recomputed in backward through the function HF installed on it.
@@ -51,7 +59,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from . import _layers, _plan
 from . import cuda_graphs as _cuda_graphs
-from ._inputs import PACKED_KWARGS, check_config, is_packed_by_position_ids, validate_packed, validate_padded
+from ._inputs import (
+    PACKED_KWARGS,
+    Inputs,
+    check_config,
+    is_packed_by_position_ids,
+    reads_values,
+    validate_packed,
+    validate_padded,
+)
 from ._optimize import _FIRST_TOKEN_HEAD, fam_check_config, is_optimized, optimize, revert
 from .families import Family, family_of
 
@@ -157,26 +173,23 @@ def _embed_encode(
     return _encode(model, plan, act, x, cu_seqlens, max_seqlen, unpack, output_hidden_states)
 
 
-def _packed_forward(
-    model,
-    input_ids,
-    attention_mask,
-    token_type_ids,
-    position_ids,
-    inputs_embeds,
-    output_hidden_states: bool,
-):
-    config = model.config
+def _start(model, x: Inputs) -> tuple[Family, str, torch.device]:
+    """What both input layouts check first: the family, its activation (the configuration is
+    supported) and the model's device; ``token_type_ids`` only for families that have them."""
     fam = _family(model)
-    act = fam_check_config(fam, config)
+    act = fam_check_config(fam, model.config)
+    _check_types(fam, x.token_type_ids)
+    return fam, act, model.embeddings.word_embeddings.weight.device
+
+
+def _packed_forward(model, x: Inputs, output_hidden_states: bool):
+    """Padded (B, L) input: the valid tokens are packed, run, and scattered back."""
+    config = model.config
+    fam, act, device = _start(model, x)
     emb = model.embeddings
-    device = emb.word_embeddings.weight.device
-    _check_types(fam, token_type_ids)
-    if position_ids is None:
-        position_ids = fam.padded_positions(config, emb, input_ids, inputs_embeds)
-    batch, seq_len, position_ids, valid = validate_padded(
-        config, emb.position_ids, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-    )
+    if x.position_ids is None:
+        x = x._replace(position_ids=fam.padded_positions(config, emb, x.input_ids, x.inputs_embeds))
+    batch, seq_len, position_ids, valid = validate_padded(config, emb.position_ids, device, x)
     plan = _plan.plan_for(model)
 
     # ---- pack --------------------------------------------------------------------------------
@@ -205,7 +218,7 @@ def _packed_forward(
         return t.view(batch, seq_len, -1)
 
     sequence_output, hidden = _embed_encode(
-        model, plan, act, pack(input_ids), pack(position_ids), pack(token_type_ids), pack(inputs_embeds),
+        model, plan, act, pack(x.input_ids), pack(position_ids), pack(x.token_type_ids), pack(x.inputs_embeds),
         cu_seqlens, max_seqlen, unpack, output_hidden_states,
     )  # fmt: skip
     pooler = getattr(model, "pooler", None)
@@ -213,46 +226,30 @@ def _packed_forward(
     return sequence_output, pooled, hidden
 
 
-def _packed_input_forward(
-    model,
-    input_ids,
-    attention_mask,
-    token_type_ids,
-    position_ids,
-    inputs_embeds,
-    packed: dict,
-    validate: bool,
-    output_hidden_states: bool,
-):
+def _packed_input_forward(model, x: Inputs, packed: dict, validate: bool, output_hidden_states: bool):
     """HF's flattened layout: (1, T) tokens of several sequences, separated by ``cu_seqlens``.
 
     The tokens are already packed: no unpad, no gather, no scatter. ``last_hidden_state`` is
     (1, T, H); the pooler reads each sequence's first token, so ``pooler_output`` is (num_seqs, H).
     """
     config = model.config
-    fam = _family(model)
-    act = fam_check_config(fam, config)
-    emb = model.embeddings
-    device = emb.word_embeddings.weight.device
-    _check_types(fam, token_type_ids)
+    fam, act, device = _start(model, x)
     head = model.__dict__.get(_FIRST_TOKEN_HEAD)
     if head not in (None, "first"):
         raise NotImplementedError(
             f"packed input (cu_seq_lens_q/k) is not supported for this task model's head ({head}): it pools "
             "outside the encoder; pass padded input"
         )
-    total, position_ids, cu_seqlens, max_seqlen = validate_packed(
-        config, device, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, packed, validate
-    )
+    total, position_ids, cu_seqlens, max_seqlen = validate_packed(config, device, x, packed, validate)
     # RoBERTa family: the per-sequence index becomes HF's padded position rule (bert_fast.families).
-    position_ids = fam.packed_positions(config, input_ids, position_ids, validate)
+    position_ids = fam.packed_positions(config, x.input_ids, position_ids, reads_values(validate))
     plan = _plan.plan_for(model)
 
     def flat(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.reshape(total, *t.shape[2:])
 
     sequence_output, hidden = _embed_encode(
-        model, plan, act, flat(input_ids), position_ids, flat(token_type_ids), flat(inputs_embeds), cu_seqlens,
+        model, plan, act, flat(x.input_ids), position_ids, flat(x.token_type_ids), flat(x.inputs_embeds), cu_seqlens,
         max_seqlen, lambda t: t.view(1, total, -1), output_hidden_states,
     )  # fmt: skip
     pooled = None
@@ -362,15 +359,11 @@ class _FastBertMixin:
 
         lead = input_ids if input_ids is not None else inputs_embeds
         batch = lead.shape[0] if lead is not None and lead.dim() >= 2 else -1
+        x = Inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         if packed or is_packed_by_position_ids(position_ids, attention_mask, batch):
-            seq, pooled, hidden = _packed_input_forward(
-                self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, packed,
-                bool(validate), bool(output_hidden_states),
-            )  # fmt: skip
+            seq, pooled, hidden = _packed_input_forward(self, x, packed, bool(validate), bool(output_hidden_states))
         else:
-            seq, pooled, hidden = _packed_forward(
-                self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
-            )
+            seq, pooled, hidden = _packed_forward(self, x, bool(output_hidden_states))
         fam = _family(self)
         if fam.output == "BaseModelOutputWithPoolingAndCrossAttentions":
             out = BaseModelOutputWithPoolingAndCrossAttentions(

@@ -15,6 +15,8 @@ What each backend runs (declared in :data:`OP`, never substituted silently):
   (the row split for half precision); on CUDA -> ``torch.ops.bert_fast.linear`` when the extension
   registers a CUDA kernel for it, else cuBLAS through :func:`linear_ref`.
 * Under autograd every backend runs :func:`linear_ref` (differentiable as is).
+* Under ``torch.compile`` (``torch.compiler.is_compiling()``) the ``cpp`` backend on CPU runs
+  ``F.linear`` as well: the compiler chooses the GEMM, and no prepacked weight or probe enters the graph.
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ def _linear_fake(x, weight, bias=None):
 def _linear_cpu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Callable[[], torch.Tensor] | None
 ) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Traced: the compiler's own GEMM (Inductor picks or prepacks it, e.g. with freezing); an opaque
+        # oneDNN-prepacked weight and the run-time probe have no place inside a graph.
+        return F.linear(x, weight, bias)
     if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and _mkldnn_linear_available(x.dtype):
         rows = x.shape[0]
         padded = _packed_rows(rows)
