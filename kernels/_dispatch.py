@@ -123,46 +123,33 @@ class Op:
             bwd = bwd.get(device.type, bwd.get("default"))
         if bwd is not None and not getattr(bwd, "available", lambda: True)():
             bwd = None  # e.g. an extension built before its backward op existed: reference backward
-        if bwd is not None:
-
-            def run_with_fused_backward(*args):
-                tensors = [args[i] for i in idx]
-                if not _backend.needs_grad(*tensors):
-                    return fast(*args)
-
-                def full(ts):
-                    out = list(args)
-                    for i, t in zip(idx, ts):
-                        out[i] = t
-                    return out
-
-                return fused_backward(lambda *ts: fast(*full(ts)), lambda g, *ts: bwd(g, *full(ts)), *tensors)
-
-            return run_with_fused_backward
-        if self.grad == "ref":
+        if bwd is None and self.grad == "ref":
 
             def run_ref_under_grad(*args):
                 return (ref if _backend.needs_grad(*(args[i] for i in idx)) else fast)(*args)
 
             return run_ref_under_grad
 
-        def run_with_ref_backward(*args):
+        def run_under_grad(*args):
             tensors = [args[i] for i in idx]
             if not _backend.needs_grad(*tensors):
                 return fast(*args)
 
-            def bind(fn: Impl) -> Impl:
-                def call(*ts):
-                    full = list(args)
-                    for i, t in zip(idx, ts):
-                        full[i] = t
-                    return fn(*full)
+            def full(ts) -> list:
+                """``args`` with the differentiable ones replaced by ``ts`` (autograd's inputs)."""
+                out = list(args)
+                for i, t in zip(idx, ts):
+                    out[i] = t
+                return out
 
-                return call
+            def fast_fn(*ts):
+                return fast(*full(ts))
 
-            return fast_forward_ref_backward(bind(fast), bind(ref), *tensors)
+            if bwd is not None:
+                return fused_backward(fast_fn, lambda g, *ts: bwd(g, *full(ts)), *tensors)
+            return fast_forward_ref_backward(fast_fn, lambda *ts: ref(*full(ts)), *tensors)
 
-        return run_with_ref_backward
+        return run_under_grad
 
     def __call__(self, backend: str | None, *args):
         """Resolve the backend for this call and run it (the public functional's last step)."""

@@ -55,7 +55,7 @@ def test_bias_act_backward(backend, device, dtype, activation, cols, with_bias):
     g = torch.randn(x.shape, device=device).to(dtype)
 
     out, ours = _grads(lambda a, b: K.bias_act(a, b, activation, backend=backend), (x, bias), g)
-    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    assert getattr(out.grad_fn, "fused", False), "the fused backward is not the one recorded"
     _, ref32 = _grads(lambda a, b: K.bias_act_ref(a, b, activation), (x.float(), bias.float() if with_bias else None),
                       g.float())  # fmt: skip
     _, same = _grads(lambda a, b: K.bias_act_ref(a, b, activation), (x, bias), g)
@@ -90,7 +90,7 @@ def test_bias_residual_layer_norm_backward(backend, device, dtype, hidden, with_
 
     inputs = (x, w, b, lb, res)
     out, ours = _grads(ours_fn, inputs, g)
-    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    assert getattr(out.grad_fn, "fused", False), "the fused backward is not the one recorded"
     _, ref32 = _grads(ref_fn, [t.float() if t is not None else None for t in inputs], g.float())
     _, same = _grads(ref_fn, inputs, g)
     _compare(ours, ref32, same, dtype, f"layer_norm[{backend},{hidden},{dtype}]")
