@@ -10,9 +10,10 @@
 * Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tests) autotuning cannot launch
   kernels to time them, so every launcher uses one fixed, small config there.
 * torch.compile: every launcher is also registered as a ``torch.library.custom_op`` in the
-  ``bert_fast_triton`` namespace with a fake (meta) implementation. Launchers route through the
-  custom op only while Dynamo traces (``torch.compiler.is_compiling()``), so eager calls pay no
-  dispatcher overhead and compiled graphs hold one opaque node per fused op (no graph break).
+  ``bert_fast_triton`` namespace with a fake (meta) implementation (:func:`launcher`). Launchers
+  route through the custom op only while Dynamo traces (``torch.compiler.is_compiling()``), so
+  eager calls pay no dispatcher overhead and compiled graphs hold one opaque node per fused op (no
+  graph break).
   The namespace is distinct from the C++ extension's ``bert_fast`` library on purpose; both use
   the same fake implementation per op.
 * Launchers only assert their preconditions: the public functional validated the call (and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -96,6 +98,15 @@ def unsupported_common(*tensors: torch.Tensor | None) -> str | None:
     return None
 
 
+def unsupported_rows(hidden: int, *tensors: torch.Tensor | None) -> str | None:
+    """Reasons of the row kernels (one row of ``hidden`` values in registers): the common ones, and
+    ``hidden`` above :data:`MAX_HIDDEN`."""
+    reason = unsupported_common(*tensors)
+    if reason is None and hidden > MAX_HIDDEN:
+        reason = f"hidden size {hidden} > {MAX_HIDDEN} (one row must fit in registers)"
+    return reason
+
+
 def row_warps(block: int) -> list[int]:
     """Warp counts for a kernel holding one ``block``-wide row in registers.
 
@@ -115,6 +126,11 @@ def row_configs(block: int) -> list:
 
 #: Config used for the row kernels under the interpreter (the warp count is ignored there).
 INTERPRET_ROW_WARPS = 4
+
+
+def row_block(n_cols: int) -> int:
+    """``BLOCK_H`` of a row kernel: the next power of two >= ``n_cols``, at least 16."""
+    return max(next_power_of_2(n_cols), 16)
 
 
 #: Smallest row-count bucket of the autotune keys.
@@ -146,6 +162,54 @@ def _autotuner(kernel: Callable, key: tuple[str, ...], configs_fn: Callable, buc
     return triton.autotune(configs=configs_fn(*bucket), key=list(key))(kernel)
 
 
+def tuned(
+    kernel: Callable, key: tuple[str, ...], configs_fn: Callable, *bucket: object, rows: int, interpret: dict
+) -> tuple[Callable, dict]:
+    """What a launcher launches: ``(kernel to index with the grid, meta-parameters to pass)``.
+
+    Under the interpreter (autotuning cannot launch there): ``kernel`` itself with the fixed config
+    ``interpret`` (meta-parameters and ``num_warps``). On the GPU: the autotuner of
+    :func:`autotuned` (``key``, ``configs_fn``, ``bucket``, ``rows`` as there), which picks them.
+    """
+    if INTERPRETING:
+        return kernel, interpret
+    return autotuned(kernel, key, configs_fn, *bucket, rows=rows), {}
+
+
+def launch_rows(kernel: Callable, args: tuple, flags: dict, n_rows: int, n_cols: int, device: torch.device) -> None:
+    """Launch a row kernel: one program per row, the whole row in registers (``BLOCK_H`` =
+    :func:`row_block`), the warp count autotuned per row block and ``n_cols`` on the GPU
+    (:func:`row_configs`), :data:`INTERPRET_ROW_WARPS` under the interpreter."""
+    block = row_block(n_cols)
+    interpret = {"num_warps": INTERPRET_ROW_WARPS}
+    kernel, cfg = tuned(kernel, ("n_cols",), row_configs, block, rows=n_rows, interpret=interpret)
+    with device_guard(device):
+        kernel[(n_rows,)](*args, **flags, BLOCK_H=block, **cfg)
+
+
+@jit
+def layer_norm_row(h, cols, mask, n_cols, W, B, eps):
+    """LayerNorm of one fp32 row ``h`` (``mask``: its ``n_cols`` valid lanes of ``cols``, which hold
+    0 in ``h`` past them) with the weight ``W`` and bias ``B`` (pointers, shape (H,)); returns the
+    fp32 result (one rounding left: the caller's store)."""
+    # Shifted two-pass statistics from registers (no E[x^2] - E[x]^2 cancellation). Subtracting the
+    # row's first element before summing makes the mean, and so the variance, exact for a constant
+    # row: with eps = 1e-12, rstd is ~1e6 there and any rounding left in (h - mean) would be
+    # amplified to O(0.1) (PyTorch's Welford LayerNorm gives exactly 0 too). Masked lanes are zeroed
+    # each time.
+    shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
+    hs = tl.where(mask, h - shift, 0.0)
+    mean_s = tl.sum(hs, axis=0) / n_cols
+    diff = tl.where(mask, hs - mean_s, 0.0)  # = h - mean
+    var = tl.sum(diff * diff, axis=0) / n_cols  # biased, as nn.LayerNorm
+    # eps exactly as given (BERT's 1e-12 is a normal fp32 number; never clamped). rsqrt as in
+    # PyTorch's own CUDA LayerNorm kernel.
+    rstd = tl.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return diff * rstd * w + b
+
+
 def register_op(name: str, schema: str, impl: Callable, fake: Callable) -> Callable | None:
     """Register ``impl`` as ``bert_fast_triton::<name>`` with a fake implementation.
 
@@ -163,6 +227,62 @@ def register_op(name: str, schema: str, impl: Callable, fake: Callable) -> Calla
 def compiling() -> bool:
     """True while Dynamo traces (launchers then call their custom op)."""
     return torch.compiler.is_compiling()
+
+
+def launcher(name: str, schema: str, impl: Callable, fake: Callable) -> Callable:
+    """The launcher ``name`` that runs ``impl``: ``impl`` is registered as the custom op
+    ``bert_fast_triton::<name>`` with ``fake`` (:func:`register_op`) and called through it while
+    Dynamo traces (one opaque node in the graph), directly otherwise (no dispatcher overhead). It
+    keeps ``impl``'s docstring; without a registrable custom op it is ``impl``'s call alone."""
+    op = register_op(name, schema, impl, fake)
+    signature = inspect.signature(impl)
+
+    @functools.wraps(impl)
+    def launch(*args, **kwargs):
+        if op is not None and compiling():
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()  # the op's schema has no defaults: every argument, by position
+            return op(*call.args)
+        return impl(*args, **kwargs)
+
+    launch.__name__ = launch.__qualname__ = name
+    return launch
+
+
+def aot_spec(label: str, kernel: Callable, signature: dict, constexprs: dict, cfg, **extra: object) -> dict:
+    """One entry of an op's ``aot_specs()``: ``kernel`` specialized with ``constexprs`` and the
+    warps/stages of the :class:`triton.Config` ``cfg`` (``extra``: ``dtypes``, ``divisible``)."""
+    return {
+        "label": label, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **extra,
+    }  # fmt: skip
+
+
+def row_aot_specs(
+    op: str, kernel: Callable, signature: dict, flags: dict[str, str], variants: list[tuple[bool, ...]]
+) -> list[dict]:
+    """The ``aot_specs()`` of a row kernel launched by :func:`launch_rows`.
+
+    Every row block and warp count with the first of ``variants`` (values of the constexpr
+    ``flags``, each with its short name for the labels; the first is the heaviest: most live
+    registers); the other variants with the first warp count of BERT's row blocks (512, 1024:
+    hidden 384..1024); BLOCK_H 512 without the divisibility hints (``divisible=False``: hidden % 16
+    != 0, e.g. TinyBERT's 312).
+    """
+    specs = []
+    for block in ROW_BLOCKS:
+        for i, cfg in enumerate(row_configs(block)):
+            for j, values in enumerate(variants):
+                if j > 0 and (i > 0 or block not in (512, 1024)):
+                    continue
+                consts = dict(zip(flags, values))
+                words = " ".join(f"{flags[k]}={v}" for k, v in consts.items())
+                label = f"{op} BLOCK_H={block} {words} w={cfg.num_warps}"
+                specs.append(aot_spec(label, kernel, signature, {**consts, "BLOCK_H": block}, cfg))
+    # hidden % 16 != 0 (TinyBERT's 312 -> BLOCK_H 512): strides and n_cols lose the divisibility hint.
+    base = next(s for s in specs if s["constexprs"]["BLOCK_H"] == 512)
+    specs.append(dict(base, label=base["label"] + " hidden%16!=0", divisible=False))
+    return specs
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:

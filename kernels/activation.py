@@ -93,6 +93,45 @@ def bias_act(
 
 
 @_tu.jit
+def _bias_act_load(
+    X,  # pointer to the input (GEMM output without its bias), shape (M, I), unit column stride
+    Bias,  # pointer to the bias, shape (I,); read iff HAS_BIAS
+    stride_x_row,
+    n_rows,
+    n_cols,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """This program's (BLOCK_M, BLOCK_N) tile: ``(pid_m, rows, cols, col_mask, mask, h)``, ``h = x + bias``
+    in fp32 (masked lanes read 0: finite)."""
+    pid_m = tl.program_id(0).to(tl.int64)  # int64 before the stride product: M * I may exceed 2^31
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = (rows[:, None] < n_rows) & col_mask[None, :]
+    # fp32 from the load on; one rounding at the store.
+    h = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return pid_m, rows, cols, col_mask, mask, h
+
+
+@_tu.jit
+def _tanh_gelu_t(h):
+    """``tanh(u)``, ``u = sqrt(2/pi) (h + 0.044715 h^3)``: the tanh of the tanh GELU.
+
+    tanh(u) = 2 sigmoid(2u) - 1 exactly (the rounding error near u = 0 is absolute, ~1 ulp of 1).
+    u is clamped to [-20, 20], where tanh is already +-1 in fp32, only so that exp(-2u) inside
+    sigmoid never overflows to inf: the result is unchanged.
+    """
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2/pi) (h + 0.044715 h^3)
+    u = tl.minimum(tl.maximum(u, -20.0), 20.0)
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@_tu.jit
 def _bias_act_fwd_kernel(
     X,  # pointer to the input (GEMM output without its bias), shape (M, I), unit column stride
     Bias,  # pointer to the bias, shape (I,); read iff HAS_BIAS
@@ -106,26 +145,12 @@ def _bias_act_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)  # int64 before the stride product: M * I may exceed 2^31
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    mask = (rows[:, None] < n_rows) & col_mask[None, :]
-    # fp32 from the load on; one rounding at the store.
-    h = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    _, rows, cols, _, mask, h = _bias_act_load(X, Bias, stride_x_row, n_rows, n_cols, HAS_BIAS, BLOCK_M, BLOCK_N)
     if ACTIVATION == 0:
         # Exact GELU, 0.5 h (1 + erf(h / sqrt 2)), as F.gelu(approximate="none").
         y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACTIVATION == 1:
-        # tanh GELU. tanh(u) = 2 sigmoid(2u) - 1 exactly (the rounding error near u = 0 is absolute,
-        # ~1 ulp of 1, times 0.5 h). u is clamped to [-20, 20], where tanh is already +-1 in fp32,
-        # only so that exp(-2u) inside sigmoid never overflows to inf: the result is unchanged.
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2/pi) (h + 0.044715 h^3)
-        u = tl.minimum(tl.maximum(u, -20.0), 20.0)
-        y = 0.5 * h * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+        y = 0.5 * h * (1.0 + _tanh_gelu_t(h))  # the error of tanh (~1 ulp of 1) times 0.5 h
     else:
         # relu written so that NaN propagates like torch.relu (NaN < 0 is false: NaN kept).
         y = tl.where(h < 0.0, 0.0, h)
@@ -143,9 +168,15 @@ def _bias_act_configs() -> list:
 
 #: Fixed tile under the interpreter: small enough that the tests' sizes exercise both masks.
 _INTERPRET_BIAS_ACT = {"BLOCK_M": 16, "BLOCK_N": 128}
+_INTERPRET_WARPS = 4  # ignored by the interpreter
 
 
 def _bias_act_fwd_impl(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Triton forward: ``act(x + bias)`` in fp32, rounded once; ``x`` (..., I), returns x's dtype/shape.
+
+    Arguments are asserted, not validated: :func:`bias_act` validates them.
+    """
+    assert activation in ACTIVATION_CODES and (bias is None or bias.shape == (x.shape[-1],))
     x2 = _tu.flatten_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -154,42 +185,28 @@ def _bias_act_fwd_impl(x: torch.Tensor, bias: torch.Tensor | None, activation: s
     bias_c = bias.contiguous() if bias is not None else None
     args = (x2, bias_c if bias_c is not None else x2, y, x2.stride(0), y.stride(0), n_rows, n_cols)
     flags = {"HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATION_CODES[activation]}
+    interpret = dict(_INTERPRET_BIAS_ACT, num_warps=_INTERPRET_WARPS)
+    kernel, cfg = _tu.tuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs, rows=n_rows, interpret=interpret)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
+
     with _tu.device_guard(x.device):
-        if _tu.interpreting():
-            cfg = _INTERPRET_BIAS_ACT
-            grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
-            _bias_act_fwd_kernel[grid](*args, **flags, **cfg, num_warps=4)
-        else:
-            kernel = _tu.autotuned(_bias_act_fwd_kernel, ("n_cols",), _bias_act_configs, rows=n_rows)
-
-            def grid(meta):
-                return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
-
-            kernel[grid](*args, **flags)
+        kernel[grid](*args, **flags, **cfg)
     return y.view(x.shape)
 
 
-_bias_act_op = _tu.register_op(
+bias_act_fwd = _tu.launcher(
     "bias_act_fwd", "(Tensor x, Tensor? bias, str activation) -> Tensor", _bias_act_fwd_impl, _bias_act_fake
 )
-
-
-def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """Triton forward: ``act(x + bias)`` in fp32, rounded once; ``x`` (..., I), returns x's dtype/shape.
-
-    Arguments are asserted, not validated: :func:`bias_act` validates them.
-    """
-    assert activation in ACTIVATION_CODES and (bias is None or bias.shape == (x.shape[-1],))
-    if _tu.compiling() and _bias_act_op is not None:
-        return _bias_act_op(x, bias, activation)
-    return _bias_act_fwd_impl(x, bias, activation)
 
 
 def aot_specs() -> list[dict]:
     """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
 
-    Each entry: ``label``, ``kernel``, ``signature`` (argument -> Triton type, ``{dt}`` standing
-    for the activation dtype), ``constexprs``, ``num_warps``, ``num_stages``.
+    Each entry (:func:`~bert_fast.kernels._triton_utils.aot_spec`): ``label``, ``kernel``,
+    ``signature`` (argument -> Triton type, ``{dt}`` standing for the activation dtype),
+    ``constexprs``, ``num_warps``, ``num_stages``.
     """
     sig = {
         "X": "*{dt}", "Bias": "*{dt}", "Y": "*{dt}", "stride_x_row": "i32", "stride_y_row": "i32",
@@ -199,17 +216,14 @@ def aot_specs() -> list[dict]:
     # Every config with the heaviest variant (exact GELU with a bias); every activation and the
     # bias-free variant on the first config (the tile code is shared, only the epilogue differs).
     for i, cfg in enumerate(_bias_act_configs()):
+        tile = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w={cfg.num_warps}"
         for act, code in ACTIVATION_CODES.items():
             for has_bias in (True, False):
                 if i > 0 and (act != "gelu" or not has_bias):
                     continue
-                specs.append({
-                    "label": f"bias_act {act} bias={has_bias} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} "
-                             f"w={cfg.num_warps}",
-                    "kernel": _bias_act_fwd_kernel, "signature": sig,
-                    "constexprs": {"HAS_BIAS": has_bias, "ACTIVATION": code, **cfg.kwargs},
-                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                })  # fmt: skip
+                consts = {"HAS_BIAS": has_bias, "ACTIVATION": code, **cfg.kwargs}
+                label = f"bias_act {act} bias={has_bias} {tile}"
+                specs.append(_tu.aot_spec(label, _bias_act_fwd_kernel, sig, consts, cfg))
     return specs
 
 
@@ -233,16 +247,10 @@ def _bias_act_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    mask = (rows[:, None] < n_rows) & col_mask[None, :]
     # h = x + bias recomputed in fp32 (the forward saves only x); masked lanes read 0 (finite).
-    h = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    pid_m, rows, cols, col_mask, mask, h = _bias_act_load(
+        X, Bias, stride_x_row, n_rows, n_cols, HAS_BIAS, BLOCK_M, BLOCK_N
+    )
     g = tl.load(G + rows[:, None] * stride_g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == 0:
         # d/dh [h Phi(h)] = Phi(h) + h phi(h)
@@ -250,10 +258,8 @@ def _bias_act_bwd_kernel(
         pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
         d = cdf + h * pdf
     elif ACTIVATION == 1:
-        # 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2), t = tanh(u) via sigmoid
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        u = tl.minimum(tl.maximum(u, -20.0), 20.0)
-        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        # 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2), t = tanh(u)
+        t = _tanh_gelu_t(h)
         d = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
     else:
         d = tl.where(h > 0.0, 1.0, 0.0)  # 0 at h == 0, as torch's threshold_backward
@@ -267,8 +273,7 @@ def _bias_act_bwd_kernel(
 
 def _bias_act_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str):
     """Triton backward: ``(dx, dbias)``; dx in x's dtype, dbias fp32 (column sum of per-block partials)."""
-    x2 = _tu.flatten_rows(x)
-    g2 = _tu.flatten_rows(grad)
+    x2, g2 = _tu.flatten_rows(x), _tu.flatten_rows(grad)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     cfg = _INTERPRET_BIAS_ACT if _tu.interpreting() else {"BLOCK_M": 16, "BLOCK_N": 256}

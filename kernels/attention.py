@@ -136,7 +136,7 @@ def _cpp_support(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p) -> str | Non
     return _triton_support(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
 
 
-def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale=None):
     """Fake (meta) implementation of ``bert_fast::varlen_attention`` and its Triton custom op."""
     return q.new_empty(q.shape)
 
@@ -290,9 +290,21 @@ _INTERPRET_ATTENTION = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _varlen_attention_fwd_impl(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
 ) -> torch.Tensor:
+    """Triton forward of :func:`varlen_attention` (no dropout); returns (N, heads, head_dim), contiguous.
+
+    Arguments are asserted, not validated: :func:`varlen_attention` validates them.
+    """
+    assert q.dim() == 3 and k.shape == q.shape == v.shape and q.shape[-1] <= _MAX_HEAD_DIM
     total, heads, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    max_seqlen = int(max_seqlen)
     # A unit stride along head_dim is needed for vector loads; the QKV views always have it.
     q, k, v = (t if t.stride(-1) == 1 or head_dim == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -304,15 +316,10 @@ def _varlen_attention_fwd_impl(
     fp32 = q.dtype == torch.float32
     consts = {"HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
     seqlen_bucket = _tu.next_power_of_2(max_seqlen)
-    if _tu.interpreting():
-        kernel, cfg = _varlen_attention_fwd_kernel, dict(_INTERPRET_ATTENTION, num_warps=4)
-    else:
-        kernel, cfg = (
-            _tu.autotuned(
-                _varlen_attention_fwd_kernel, ("seqlen_bucket", "HEAD_DIM"), _attention_configs, d_pad, fp32, rows=total
-            ),
-            {},
-        )
+    kernel, cfg = _tu.tuned(
+        _varlen_attention_fwd_kernel, ("seqlen_bucket", "HEAD_DIM"), _attention_configs, d_pad, fp32, rows=total,
+        interpret=dict(_INTERPRET_ATTENTION, num_warps=4),
+    )  # fmt: skip
     seqs_per_launch = max(1, _MAX_GRID_Y // heads)
     with _tu.device_guard(q.device):
         for first in range(0, batch, seqs_per_launch):
@@ -331,31 +338,12 @@ def _varlen_attention_fwd_impl(
     return out
 
 
-_varlen_attention_op = _tu.register_op(
+varlen_attention_fwd = _tu.launcher(
     "varlen_attention_fwd",
-    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> Tensor",
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float? scale) -> Tensor",
     _varlen_attention_fwd_impl,
     _varlen_attention_fake,
 )
-
-
-def varlen_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Triton forward of :func:`varlen_attention` (no dropout); returns (N, heads, head_dim), contiguous.
-
-    Arguments are asserted, not validated: :func:`varlen_attention` validates them.
-    """
-    assert q.dim() == 3 and k.shape == q.shape == v.shape and q.shape[-1] <= _MAX_HEAD_DIM
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _tu.compiling() and _varlen_attention_op is not None:
-        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale)
-    return _varlen_attention_fwd_impl(q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 
 #: head_dims the ahead-of-time compile test builds: BERT's (32, 64, 128) and odd ones per bucket
@@ -380,15 +368,12 @@ def aot_specs() -> list[dict]:
         d_pad = _attention_head_dim_bucket(head_dim)
         for fp32 in (False, True):
             for cfg in _attention_configs(d_pad, fp32):
-                specs.append({
-                    "label": f"varlen_attention d={head_dim}(pad {d_pad}) {cfg.kwargs['BLOCK_M']}x"
-                             f"{cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages}",
-                    "kernel": _varlen_attention_fwd_kernel, "signature": sig,
-                    "constexprs": {"HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32",
-                                   **cfg.kwargs},
-                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                    "dtypes": ("fp32",) if fp32 else ("fp16", "bf16"),
-                })  # fmt: skip
+                label = (f"varlen_attention d={head_dim}(pad {d_pad}) {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} "
+                         f"w={cfg.num_warps} s={cfg.num_stages}")  # fmt: skip
+                consts = {"HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
+                dtypes = ("fp32",) if fp32 else ("fp16", "bf16")
+                specs.append(_tu.aot_spec(label, _varlen_attention_fwd_kernel, sig, {**consts, **cfg.kwargs}, cfg,
+                                          dtypes=dtypes))  # fmt: skip
     return specs
 
 

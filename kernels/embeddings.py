@@ -64,14 +64,8 @@ def embed_layer_norm_ref(
 def _triton_support(ii, pi, ti, word_embeddings, position_embeddings, token_type_embeddings, weight, bias, eps,
                     inputs_embeds) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
-    reason = _tu.unsupported_common(
-        word_embeddings, position_embeddings, token_type_embeddings, weight, bias, inputs_embeds
-    )
-    if reason is not None:
-        return reason
-    if word_embeddings.shape[-1] > _tu.MAX_HIDDEN:
-        return f"hidden size {word_embeddings.shape[-1]} > {_tu.MAX_HIDDEN} (one row must fit in registers)"
-    return None
+    tables = (word_embeddings, position_embeddings, token_type_embeddings, weight, bias)
+    return _tu.unsupported_rows(word_embeddings.shape[-1], *tables, inputs_embeds)
 
 
 def _embed_layer_norm_fake(ii, pi, ti, we, pe, te, w, b, eps, ie=None):
@@ -181,19 +175,7 @@ def _embed_layer_norm_fwd_kernel(
     h = tl.load(word_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     h += tl.load(type_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     h += tl.load(pos_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # Shifted two-pass statistics from registers. Subtracting the row's first element before
-    # summing makes the mean, and so the variance, exact for a constant row: with eps = 1e-12,
-    # rstd is ~1e6 there and any rounding left in (h - mean) would be amplified to O(0.1)
-    # (PyTorch's Welford LayerNorm gives exactly 0 too). Masked lanes are zeroed each time.
-    shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
-    hs = tl.where(mask, h - shift, 0.0)
-    mean_s = tl.sum(hs, axis=0) / n_cols
-    diff = tl.where(mask, hs - mean_s, 0.0)  # = h - mean
-    var = tl.sum(diff * diff, axis=0) / n_cols  # biased, as nn.LayerNorm
-    rstd = tl.rsqrt(var + eps)  # eps exactly as given (BERT: 1e-12), never clamped
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = diff * rstd * w + b
+    y = _tu.layer_norm_row(h, cols, mask, n_cols, W, B, eps)  # two-pass fp32 statistics, eps as given
     tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)  # one rounding
 
 
@@ -211,8 +193,13 @@ def _embed_layer_norm_fwd_impl(
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-    inputs_embeds: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Triton forward of :func:`embed_layer_norm` for packed tokens; returns (N, H).
+
+    Arguments are asserted, not validated: :func:`embed_layer_norm` validates them.
+    """
+    assert (input_ids is not None or inputs_embeds is not None) and position_ids.dim() == 1
     word, pos, types = _rows(word_embeddings), _rows(position_embeddings), _rows(token_type_embeddings)
     n_cols = word.shape[1]
     embeds = _rows(inputs_embeds) if inputs_embeds is not None else None
@@ -222,7 +209,6 @@ def _embed_layer_norm_fwd_impl(
     if n_rows == 0:
         return y
     pos_ids = position_ids.contiguous()
-    block = max(_tu.next_power_of_2(n_cols), 16)
     args = (
         input_ids.contiguous() if input_ids is not None else pos_ids,  # dummy pointer when unused
         embeds if embeds is not None else word,  # dummy pointer when unused
@@ -242,17 +228,12 @@ def _embed_layer_norm_fwd_impl(
         n_cols,
         float(eps),
     )
-    flags = {"HAS_INPUTS_EMBEDS": embeds is not None, "HAS_TOKEN_TYPES": token_type_ids is not None, "BLOCK_H": block}
-    with _tu.device_guard(y.device):
-        if _tu.interpreting():
-            _embed_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
-        else:
-            kernel = _tu.autotuned(_embed_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block, rows=n_rows)
-            kernel[(n_rows,)](*args, **flags)
+    flags = {"HAS_INPUTS_EMBEDS": embeds is not None, "HAS_TOKEN_TYPES": token_type_ids is not None}
+    _tu.launch_rows(_embed_layer_norm_fwd_kernel, args, flags, n_rows, n_cols, y.device)
     return y
 
 
-_embed_layer_norm_op = _tu.register_op(
+embed_layer_norm_fwd = _tu.launcher(
     "embed_layer_norm_fwd",
     "(Tensor? input_ids, Tensor position_ids, Tensor? token_type_ids, Tensor word_embeddings, "
     "Tensor position_embeddings, Tensor token_type_embeddings, Tensor weight, Tensor bias, float eps, "
@@ -262,57 +243,11 @@ _embed_layer_norm_op = _tu.register_op(
 )
 
 
-def embed_layer_norm_fwd(
-    input_ids: torch.Tensor | None,
-    position_ids: torch.Tensor,
-    token_type_ids: torch.Tensor | None,
-    word_embeddings: torch.Tensor,
-    position_embeddings: torch.Tensor,
-    token_type_embeddings: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    inputs_embeds: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton forward of :func:`embed_layer_norm` for packed tokens; returns (N, H).
-
-    Arguments are asserted, not validated: :func:`embed_layer_norm` validates them.
-    """
-    assert (input_ids is not None or inputs_embeds is not None) and position_ids.dim() == 1
-    if _tu.compiling() and _embed_layer_norm_op is not None:
-        return _embed_layer_norm_op(
-            input_ids,
-            position_ids,
-            token_type_ids,
-            word_embeddings,
-            position_embeddings,
-            token_type_embeddings,
-            weight,
-            bias,
-            float(eps),
-            inputs_embeds,
-        )
-    return _embed_layer_norm_fwd_impl(
-        input_ids,
-        position_ids,
-        token_type_ids,
-        word_embeddings,
-        position_embeddings,
-        token_type_embeddings,
-        weight,
-        bias,
-        eps,
-        inputs_embeds,
-    )
-
-
 def aot_specs() -> list[dict]:
     """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
 
-    ``{dt}`` stands for the table dtype, ``{it}`` for the id dtype. Every row block and warp count
-    with the heaviest variant (ids gathered, token types given); the other input variants with the first
-    warp count of BERT's row blocks (512, 1024); BLOCK_H 512 without the divisibility hints
-    (``divisible=False``: hidden % 16 != 0, e.g. TinyBERT's 312).
+    Entries as :func:`~bert_fast.kernels._triton_utils.row_aot_specs` lists them; ``{dt}`` stands for
+    the table dtype, ``{it}`` for the id dtype. The heaviest variant gathers ids and token types.
     """
     sig = {
         "InputIds": "*{it}", "InputsEmbeds": "*{dt}", "PositionIds": "*{it}", "TokenTypeIds": "*{it}",
@@ -321,23 +256,9 @@ def aot_specs() -> list[dict]:
         "stride_pos_row": "i32", "stride_type_row": "i32", "stride_y_row": "i32", "n_cols": "i32",
         "eps": "fp32",
     }  # fmt: skip
-    specs = []
-    for block in _tu.ROW_BLOCKS:
-        for i, cfg in enumerate(_tu.row_configs(block)):
-            for embeds, types in ((False, True), (False, False), (True, True), (True, False)):
-                # input variants: first warp count, BERT's row blocks (hidden 384..1024)
-                if (i > 0 or block not in (512, 1024)) and (embeds or not types):
-                    continue
-                specs.append({
-                    "label": f"embed_layer_norm BLOCK_H={block} embeds={embeds} types={types} w={cfg.num_warps}",
-                    "kernel": _embed_layer_norm_fwd_kernel, "signature": sig,
-                    "constexprs": {"HAS_INPUTS_EMBEDS": embeds, "HAS_TOKEN_TYPES": types, "BLOCK_H": block},
-                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                })  # fmt: skip
-    # hidden % 16 != 0 (TinyBERT's 312 -> BLOCK_H 512): strides and n_cols lose the divisibility hint.
-    base = next(s for s in specs if s["constexprs"]["BLOCK_H"] == 512)
-    specs.append(dict(base, label=base["label"] + " hidden%16!=0", divisible=False))
-    return specs
+    flags = {"HAS_INPUTS_EMBEDS": "embeds", "HAS_TOKEN_TYPES": "types"}
+    variants = [(False, True), (False, False), (True, True), (True, False)]
+    return _tu.row_aot_specs("embed_layer_norm", _embed_layer_norm_fwd_kernel, sig, flags, variants)
 
 
 _dispatch.register_cpp_fake("embed_layer_norm", _embed_layer_norm_fake)

@@ -78,12 +78,7 @@ def _check(x, weight, bias, linear_bias, residual) -> None:
 
 def _triton_support(x, weight, bias, eps, linear_bias, residual) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
-    reason = _tu.unsupported_common(x, weight, bias, linear_bias, residual)
-    if reason is not None:
-        return reason
-    if x.shape[-1] > _tu.MAX_HIDDEN:
-        return f"hidden size {x.shape[-1]} > {_tu.MAX_HIDDEN} (one row must fit in registers)"
-    return None
+    return _tu.unsupported_rows(x.shape[-1], x, weight, bias, linear_bias, residual)
 
 
 def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, residual=None):
@@ -140,29 +135,31 @@ def _bias_residual_layer_norm_fwd_kernel(
         h += tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         h += tl.load(Residual + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
-    # Shifted two-pass statistics from registers. Subtracting the row's first element before
-    # summing makes the mean, and so the variance, exact for a constant row: with eps = 1e-12,
-    # rstd is ~1e6 there and any rounding left in (h - mean) would be amplified to O(0.1)
-    # (PyTorch's Welford LayerNorm gives exactly 0 too). Masked lanes are zeroed each time.
-    shift = tl.sum(tl.where(cols == 0, h, 0.0), axis=0)
-    hs = tl.where(mask, h - shift, 0.0)
-    mean_s = tl.sum(hs, axis=0) / n_cols
-    diff = tl.where(mask, hs - mean_s, 0.0)  # = h - mean
-    var = tl.sum(diff * diff, axis=0) / n_cols  # biased, as nn.LayerNorm
-    # eps exactly as given (1e-12 is a normal fp32 number; no clamping). rsqrt as in PyTorch's
-    # own CUDA LayerNorm kernel.
-    rstd = tl.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = diff * rstd * w + b
+    y = _tu.layer_norm_row(h, cols, mask, n_cols, W, B, eps)  # two-pass fp32 statistics, eps as given
     tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)  # one rounding
 
 
-def _layer_norm_launch(x2, weight, bias, eps, linear_bias, residual2, y) -> None:
+def _bias_residual_layer_norm_fwd_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    linear_bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape.
+
+    Arguments are asserted, not validated: :func:`bias_residual_layer_norm` validates them.
+    """
+    assert weight.shape == bias.shape == (x.shape[-1],) and (residual is None or residual.shape == x.shape)
+    x2 = _tu.flatten_rows(x)
+    residual2 = _tu.flatten_rows(residual) if residual is not None else None
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     n_rows, n_cols = x2.shape
     if n_rows == 0:
-        return
-    block = max(_tu.next_power_of_2(n_cols), 16)
+        return y.view(x.shape)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    linear_bias = linear_bias.contiguous() if linear_bias is not None else None
     args = (
         x2,
         residual2 if residual2 is not None else x2,  # dummy pointer, never read
@@ -176,41 +173,12 @@ def _layer_norm_launch(x2, weight, bias, eps, linear_bias, residual2, y) -> None
         n_cols,
         float(eps),
     )
-    flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None, "BLOCK_H": block}
-    with _tu.device_guard(x2.device):
-        if _tu.interpreting():
-            _bias_residual_layer_norm_fwd_kernel[(n_rows,)](*args, **flags, num_warps=_tu.INTERPRET_ROW_WARPS)
-        else:
-            kernel = _tu.autotuned(
-                _bias_residual_layer_norm_fwd_kernel, ("n_cols",), _tu.row_configs, block, rows=n_rows
-            )
-            kernel[(n_rows,)](*args, **flags)
-
-
-def _bias_residual_layer_norm_fwd_impl(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    linear_bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    x2 = _tu.flatten_rows(x)
-    residual2 = _tu.flatten_rows(residual) if residual is not None else None
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _layer_norm_launch(
-        x2,
-        weight.contiguous(),
-        bias.contiguous(),
-        eps,
-        linear_bias.contiguous() if linear_bias is not None else None,
-        residual2,
-        y,
-    )
+    flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None}
+    _tu.launch_rows(_bias_residual_layer_norm_fwd_kernel, args, flags, n_rows, n_cols, x.device)
     return y.view(x.shape)
 
 
-_bias_residual_layer_norm_op = _tu.register_op(
+bias_residual_layer_norm_fwd = _tu.launcher(
     "bias_residual_layer_norm_fwd",
     "(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias, Tensor? residual) -> Tensor",
     _bias_residual_layer_norm_fwd_impl,
@@ -218,55 +186,20 @@ _bias_residual_layer_norm_op = _tu.register_op(
 )
 
 
-def bias_residual_layer_norm_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    linear_bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape.
-
-    Arguments are asserted, not validated: :func:`bias_residual_layer_norm` validates them.
-    """
-    assert weight.shape == bias.shape == (x.shape[-1],) and (residual is None or residual.shape == x.shape)
-    if _tu.compiling() and _bias_residual_layer_norm_op is not None:
-        return _bias_residual_layer_norm_op(x, weight, bias, float(eps), linear_bias, residual)
-    return _bias_residual_layer_norm_fwd_impl(x, weight, bias, eps, linear_bias, residual)
-
-
 def aot_specs() -> list[dict]:
     """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
 
-    Each entry: ``label``, ``kernel``, ``signature`` (``{dt}`` standing for the activation dtype),
-    ``constexprs``, ``num_warps``, ``num_stages``. Every row block and warp count with both optional
-    inputs present (most live registers); the optional-input variants with the first warp count of
-    BERT's row blocks (512, 1024); BLOCK_H 512 without the divisibility hints (``divisible=False``:
-    hidden % 16 != 0, e.g. TinyBERT's 312).
+    Entries as :func:`~bert_fast.kernels._triton_utils.row_aot_specs` lists them (``{dt}`` standing
+    for the activation dtype); the heaviest variant has both optional inputs (most live registers).
     """
     sig = {
         "X": "*{dt}", "Residual": "*{dt}", "LinearBias": "*{dt}", "W": "*{dt}", "B": "*{dt}",
         "Y": "*{dt}", "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32",
         "n_cols": "i32", "eps": "fp32",
     }  # fmt: skip
-    specs = []
-    for block in _tu.ROW_BLOCKS:
-        for i, cfg in enumerate(_tu.row_configs(block)):
-            for has_lb, has_res in ((True, True), (True, False), (False, True), (False, False)):
-                # optional-input variants: first warp count, BERT's row blocks (hidden 384..1024)
-                if (i > 0 or block not in (512, 1024)) and not (has_lb and has_res):
-                    continue
-                specs.append({
-                    "label": f"layer_norm BLOCK_H={block} lb={has_lb} res={has_res} w={cfg.num_warps}",
-                    "kernel": _bias_residual_layer_norm_fwd_kernel, "signature": sig,
-                    "constexprs": {"HAS_LINEAR_BIAS": has_lb, "HAS_RESIDUAL": has_res, "BLOCK_H": block},
-                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                })  # fmt: skip
-    # hidden % 16 != 0 (TinyBERT's 312 -> BLOCK_H 512): strides and n_cols lose the divisibility hint.
-    base = next(s for s in specs if s["constexprs"]["BLOCK_H"] == 512)
-    specs.append(dict(base, label=base["label"] + " hidden%16!=0", divisible=False))
-    return specs
+    flags = {"HAS_LINEAR_BIAS": "lb", "HAS_RESIDUAL": "res"}
+    variants = [(True, True), (True, False), (False, True), (False, False)]
+    return _tu.row_aot_specs("layer_norm", _bias_residual_layer_norm_fwd_kernel, sig, flags, variants)
 
 
 # --- backward ----------------------------------------------------------------------------------
@@ -333,8 +266,7 @@ def _bias_residual_layer_norm_bwd_kernel(
 
 def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual):
     """Triton backward: ``(dx, dweight, dbias, dlinear_bias, dresidual)`` (parameter grads fp32)."""
-    x2 = _tu.flatten_rows(x)
-    g2 = _tu.flatten_rows(grad)
+    x2, g2 = _tu.flatten_rows(x), _tu.flatten_rows(grad)
     r2 = _tu.flatten_rows(residual) if residual is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -344,7 +276,7 @@ def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias
     rows_per_program = triton.cdiv(max(n_rows, 1), programs)
     partial = torch.zeros((programs, 3, n_cols), dtype=torch.float32, device=x.device)
     if n_rows:
-        block = max(_tu.next_power_of_2(n_cols), 16)
+        block = _tu.row_block(n_cols)
         wc = weight.contiguous()
         lbc = linear_bias.contiguous() if linear_bias is not None else None
         args = (g2, x2, r2 if r2 is not None else x2, lbc if lbc is not None else wc, wc, dx, partial,
