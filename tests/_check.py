@@ -7,6 +7,9 @@
   (``tests/tolerances.py``, DESIGN.md §5): fp32 against an absolute bound; fp16/bf16 against the
   fp32 (or fp64) reference, allowed ``factor`` times PyTorch's own error in the same dtype plus a
   floor, with both errors in the failure message.
+* :func:`assert_grads_match_torch` compares a fused op's forward and gradients under autograd with
+  the ``torch`` backend's; :func:`bert_cases` builds the gpu tier's BERT-shaped parameters.
+* :func:`assert_left_padding_and_embeds` is the one model-level check shared by the model tests.
 * :func:`poisoned` NaN-fills every uninitialized allocation, so an output element a kernel never
   writes fails the comparison (the interpreter raises nothing on out-of-bounds accesses).
 
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 from bert_fast.kernels import _backend
-from tolerances import HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
+from tolerances import FP32_MODEL_ATOL, HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
 
 #: The backends every op test is parametrized over.
 BACKENDS = ("torch", "cpp", "triton")
@@ -41,18 +44,27 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 HALF = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, *HALF)
 
+#: Hidden sizes the row ops (LayerNorms) are tested at: odd (partly masked rows), TinyBERT's 312
+#: (not a multiple of 16), MiniLM's 384, BERT-base's 768.
+ROW_HIDDENS = (37, 312, 384, 768)
+
 #: BERT's shapes for the gpu tier: name -> (hidden, heads), head_dim 64.
 BERT_SHAPES = {"base": (768, 12), "large": (1024, 16)}
 
 
 @functools.cache
-def cpp_built() -> bool:
-    """Is the C++ extension importable (it registers ``torch.ops.bert_fast.*`` on import)?"""
+def importable(module: str) -> bool:
+    """Does ``import <module>`` succeed here (any failure counts as no)?"""
     try:
-        importlib.import_module("bert_fast._C")
+        importlib.import_module(module)
     except Exception:
         return False
     return True
+
+
+def cpp_built() -> bool:
+    """Is the C++ extension importable (it registers ``torch.ops.bert_fast.*`` on import)?"""
+    return importable("bert_fast._C")
 
 
 def cpp_has_kernel(op: str, device: str | torch.device) -> bool:
@@ -63,13 +75,8 @@ def cpp_has_kernel(op: str, device: str | torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"bert_fast::{op}", key)
 
 
-@functools.cache
 def triton_importable() -> bool:
-    try:
-        importlib.import_module("triton.language")
-    except Exception:
-        return False
-    return True
+    return importable("triton.language")
 
 
 def interpreting() -> bool:
@@ -135,6 +142,60 @@ def check_op(
         assert_close_fp32(ours, ref_hi, atol, what)
     else:
         assert_half_rule(ours, same, ref_hi, factor, what)
+
+
+def assert_grads_match_torch(
+    run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], backend: str, atol: float, grad_atol: float = 1e-6
+) -> None:
+    """``run(backend, *inputs)`` under autograd against ``run("torch", *inputs)`` (fp32): the outputs
+    within ``atol``, the gradient of every input (for a ramp ``grad_out``) within ``grad_atol``."""
+
+    def grads(be):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = run(be, *leaves)
+        g = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=out.device)
+        return out.detach(), torch.autograd.grad(out, leaves, g)
+
+    out_f, g_f = grads(backend)
+    out_r, g_r = grads("torch")
+    assert_close_fp32(out_f, out_r, atol, f"{backend} forward")
+    assert len(g_f) == len(g_r) == len(inputs)
+    for i, (a, r) in enumerate(zip(g_f, g_r)):
+        assert_close_fp32(a, r, grad_atol, f"{backend}: gradient {i}")
+
+
+def bert_cases(variants: Sequence[Any], quick: Any = None, label: Callable[[Any], str] = str) -> list:
+    """The gpu tier's ``(dtype, model, *variant)`` parameters: every dtype x BERT shape x variant (a
+    value, or a tuple of values), each ``gpu``-marked; the ``quick`` variant (default: the first) on
+    BERT-base is also ``gpu_quick``. Ids: ``<model>-<label(variant)>-<dtype>``."""
+    import pytest
+
+    quick = variants[0] if quick is None else quick
+    cases = []
+    for dtype in DTYPES:
+        for model in BERT_SHAPES:
+            for variant in variants:
+                values = variant if isinstance(variant, tuple) else (variant,)
+                marks = [pytest.mark.gpu, *([pytest.mark.gpu_quick] if (model, variant) == ("base", quick) else [])]
+                name = f"{model}-{label(variant)}-{str(dtype)[6:]}"
+                cases.append(pytest.param(dtype, model, *values, marks=marks, id=name))
+    return cases
+
+
+def assert_left_padding_and_embeds(ref, ours, ids: torch.Tensor, mask: torch.Tensor, field: str, **kw) -> None:
+    """A left-padded batch through the reference and our model (output ``field`` compared on valid
+    tokens, fp32), then the same batch as ``inputs_embeds`` through both base models."""
+    base_ref, base_ours = ref.base_model, ours.base_model
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask, **kw)
+        b = ours(ids, attention_mask=mask, **kw)
+        emb = base_ref.embeddings.word_embeddings(ids)
+        c = base_ref(inputs_embeds=emb, attention_mask=mask)
+        d = base_ours(inputs_embeds=emb, attention_mask=mask)
+    valid = mask.bool()
+    assert valid[:, -1].all(), "not a left-padded batch (every row's last token is real)"
+    assert_close_fp32(getattr(b, field)[valid], getattr(a, field)[valid], FP32_MODEL_ATOL, "left padding")
+    assert_close_fp32(d.last_hidden_state[valid], c.last_hidden_state[valid], FP32_MODEL_ATOL, "inputs_embeds")
 
 
 @contextlib.contextmanager

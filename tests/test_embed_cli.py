@@ -180,22 +180,19 @@ def test_resume_refuses_other_inputs(files, model_dir, monkeypatch, capsys):
     assert not out.exists()
 
 
-def _bad_jsonl(d):
-    p = d / "bad.jsonl"
-    p.write_text('{"text": "fine"}\n{"text": "broken\n', encoding="utf-8")
-    return [str(p)], ["bad.jsonl:2", "invalid JSON"]
+def _file(name: str, content: str | bytes, *fragments: str):
+    """A bad input: a file ``name`` holding ``content`` (bytes as they are, text as UTF-8); the error
+    message must hold every one of ``fragments``."""
 
+    def make(d):
+        p = d / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content, encoding="utf-8")
+        return [str(p)], list(fragments)
 
-def _missing_field(d):
-    p = d / "nofield.jsonl"
-    p.write_text('{"text": "a"}\n{"body": "b"}\n', encoding="utf-8")
-    return [str(p)], ["nofield.jsonl:2", "no field 'text'", "--field"]
-
-
-def _non_string_field(d):
-    p = d / "num.jsonl"
-    p.write_text('{"text": 3}\n', encoding="utf-8")
-    return [str(p)], ["num.jsonl:1", "not a string"]
+    return make
 
 
 def _missing_column(d):
@@ -208,28 +205,25 @@ def _missing_file(d):
     return [str(d / "nope.txt")], ["nope.txt", "does not exist"]
 
 
-def _bad_utf8(d):
-    p = d / "latin.txt"
-    p.write_bytes(b"ok\ncaf\xe9\n")
-    return [str(p)], ["latin.txt:2", "UTF-8"]
-
-
-def _bad_suffix(d):
-    p = d / "data.csv"
-    p.write_text("a\n")
-    return [str(p)], ["unsupported input type"]
-
-
 def _directory(d):
     p = d / "folder.txt"
     p.mkdir()
     return [str(p)], ["folder.txt", "not a regular file"]
 
 
-@pytest.mark.parametrize(
-    "make", [_bad_jsonl, _missing_field, _non_string_field, _missing_column, _missing_file, _bad_utf8, _bad_suffix,
-             _directory]
-)  # fmt: skip
+BAD_INPUTS = [
+    _file("bad.jsonl", '{"text": "fine"}\n{"text": "broken\n', "bad.jsonl:2", "invalid JSON"),
+    _file("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', "nofield.jsonl:2", "no field 'text'", "--field"),
+    _file("num.jsonl", '{"text": 3}\n', "num.jsonl:1", "not a string"),
+    _missing_column,
+    _missing_file,
+    _file("latin.txt", b"ok\ncaf\xe9\n", "latin.txt:2", "UTF-8"),
+    _file("data.csv", "a\n", "unsupported input type"),
+    _directory,
+]
+
+
+@pytest.mark.parametrize("make", BAD_INPUTS)
 def test_bad_inputs_fail_before_any_output(tmp_path, model_dir, capsys, make):
     inputs, fragments = make(tmp_path)
     out = tmp_path / "out.parquet"

@@ -12,6 +12,7 @@ import inspect
 import pytest
 import torch
 import transformers
+from _check import assert_left_padding_and_embeds
 from _models import backends_for_models
 from tolerances import FP32_MODEL_ATOL, HALF_MODEL_FACTOR, assert_close_fp32, assert_half_rule
 
@@ -165,16 +166,7 @@ def test_left_padding_and_inputs_embeds(backend, family):
     ref, ours, config = _paired(family, "ForTokenClassification")
     bert_fast.optimize(ours, backend=backend)
     ids, mask, types = _batch(family, [5, 8, 3], config, left=True)
-    base_ref, base_ours = ref.base_model, ours.base_model
-    with torch.no_grad():
-        a = ref(ids, attention_mask=mask, **_kw(types))
-        b = ours(ids, attention_mask=mask, **_kw(types))
-        emb = base_ref.embeddings.word_embeddings(ids)
-        c = base_ref(inputs_embeds=emb, attention_mask=mask)
-        d = base_ours(inputs_embeds=emb, attention_mask=mask)
-    valid = mask.bool()
-    assert_close_fp32(b.logits[valid], a.logits[valid], FP32_MODEL_ATOL, "left padding")
-    assert_close_fp32(d.last_hidden_state[valid], c.last_hidden_state[valid], FP32_MODEL_ATOL, "inputs_embeds")
+    assert_left_padding_and_embeds(ref, ours, ids, mask, "logits", **_kw(types))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from _check import assert_left_padding_and_embeds
 from _models import backends_for_models, paired, random_batch, tiny_config
 from tolerances import FP32_MODEL_ATOL, assert_close_fp32
 
@@ -69,15 +70,7 @@ def test_left_padding_position_ids_and_inputs_embeds():
     ids, mask, types = random_batch([5, 8, 3], cfg)
     mask = mask.flip(1)  # left padding: real tokens at the end of each row
     pos = torch.randint(0, cfg.max_position_embeddings, ids.shape)
-    with torch.no_grad():
-        a = ref(ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
-        b = ours(ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
-        emb = ref.embeddings.word_embeddings(ids)
-        c = ref(inputs_embeds=emb, attention_mask=mask)
-        d = ours(inputs_embeds=emb, attention_mask=mask)
-    valid = mask.bool()
-    assert_close_fp32(b.last_hidden_state[valid], a.last_hidden_state[valid], FP32_MODEL_ATOL, "left padding")
-    assert_close_fp32(d.last_hidden_state[valid], c.last_hidden_state[valid], FP32_MODEL_ATOL, "inputs_embeds")
+    assert_left_padding_and_embeds(ref, ours, ids, mask, "last_hidden_state", token_type_ids=types, position_ids=pos)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32])

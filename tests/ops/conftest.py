@@ -1,7 +1,8 @@
 """The ``backend`` and ``device`` fixtures of the op tests.
 
 A test module sets ``OP`` (the ``torch.ops.bert_fast`` name its ``cpp`` cases need a kernel for)
-and ``OP_BACKENDS`` (the backends its tests are parametrized over); a test may narrow that with
+and, unless it is every backend (``_check.BACKENDS``), ``OP_BACKENDS`` (the backends its tests are
+parametrized over); a test may narrow that with
 ``@pytest.mark.backends("triton", "cpp")``. Cases a backend cannot run here are skipped with the
 reason (``_check.backend_skip_reason``): cpp without the extension, triton without CUDA or the
 interpreter, bf16 under the interpreter.
@@ -14,16 +15,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _check import DEVICE, backend_skip_reason, poisoned
+from _check import BACKENDS, DEVICE, backend_skip_reason, poisoned
 
 
 def pytest_generate_tests(metafunc):
     if "backend" not in metafunc.fixturenames:
         return
     marker = metafunc.definition.get_closest_marker("backends")
-    names = marker.args if marker is not None else getattr(metafunc.module, "OP_BACKENDS", None)
-    if names is not None:
-        metafunc.parametrize("backend", list(names), indirect=True)
+    names = marker.args if marker is not None else getattr(metafunc.module, "OP_BACKENDS", BACKENDS)
+    metafunc.parametrize("backend", list(names), indirect=True)
 
 
 def _case_device(request, backend: str) -> str:

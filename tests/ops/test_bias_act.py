@@ -9,6 +9,7 @@ NaN-poisoned throughout.
 
 from __future__ import annotations
 
+import _check
 import bert_fast.kernels as K
 import pytest
 import torch
@@ -28,7 +29,6 @@ from hypothesis import strategies as st
 from tolerances import FP32_OP_ATOL, assert_close_fp32
 
 OP = "bias_act"
-OP_BACKENDS = ("torch", "cpp", "triton")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
 pytestmark = pytest.mark.usefixtures("poison")
@@ -97,19 +97,10 @@ def test_identical_calls_are_bitwise_equal(backend, device):
 @pytest.mark.parametrize("activation", ("gelu", "gelu_tanh"))
 def test_gradients_equal_reference(backend, device, activation):
     x0, b0 = torch.randn(5, 148, device=device), torch.randn(148, device=device)
-
-    def grads(be):
-        x, b = x0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-        out = _run(be, x, b, activation)
-        g = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=device)
-        return out.detach(), torch.autograd.grad(out, (x, b), g)
-
-    out_f, g_f = grads(backend)
-    out_r, g_r = grads("torch")
-    assert_close_fp32(out_f, out_r, FP32_OP_ATOL, f"{backend} forward")
-    for i, (a, r) in enumerate(zip(g_f, g_r)):
-        # the bias gradient is a column sum: its order of summation differs from autograd's
-        assert_close_fp32(a, r, FP32_OP_ATOL, f"{backend}: gradient {i}")
+    # the bias gradient is a column sum: its order of summation differs from autograd's
+    _check.assert_grads_match_torch(
+        lambda be, x, b: _run(be, x, b, activation), (x0, b0), backend, FP32_OP_ATOL, grad_atol=FP32_OP_ATOL
+    )
 
 
 def test_triton_rejects_float64():
@@ -149,19 +140,8 @@ def test_cpp_errors():
 # --- gpu tier: BERT shapes ----------------------------------------------------------------------
 
 
-def _bert_cases():
-    cases = []
-    for dtype in DTYPES:
-        for model in BERT_SHAPES:
-            for act in ACTIVATIONS:
-                quick = model == "base" and act == "gelu"
-                marks = [pytest.mark.gpu, *([pytest.mark.gpu_quick] if quick else [])]
-                cases.append(pytest.param(dtype, model, act, marks=marks, id=f"{model}-{act}-{str(dtype)[6:]}"))
-    return cases
-
-
 @pytest.mark.backends("triton", "cpp")
-@pytest.mark.parametrize("dtype,model,activation", _bert_cases())
+@pytest.mark.parametrize("dtype,model,activation", _check.bert_cases(ACTIVATIONS))
 def test_bert_shapes(backend, device, dtype, model, activation):
     inter = 4 * BERT_SHAPES[model][0]
     x = (torch.randn(sum(bert_lengths(32, 128)), inter, device=device) * 3).to(dtype)

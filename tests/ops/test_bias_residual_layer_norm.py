@@ -9,6 +9,7 @@ Property-based fuzzing at the end (``test_fuzz``). Outputs are NaN-poisoned thro
 
 from __future__ import annotations
 
+import _check
 import bert_fast.kernels as K
 import pytest
 import torch
@@ -17,6 +18,7 @@ from _check import (
     DEVICE,
     DTYPES,
     HALF,
+    ROW_HIDDENS,
     backend_skip_reason,
     bert_lengths,
     check_op,
@@ -30,8 +32,6 @@ from hypothesis import strategies as st
 from tolerances import FP32_OP_ATOL, HALF_OP_FACTOR, assert_close_fp32, assert_half_rule
 
 OP = "bias_residual_layer_norm"
-OP_BACKENDS = ("torch", "cpp", "triton")
-HIDDENS = (37, 312, 384, 768)
 EPS = 1e-12
 
 pytestmark = pytest.mark.usefixtures("poison")
@@ -60,7 +60,7 @@ def _inputs(shape, dtype, device, with_lb, with_res, scale=2.0, shift=0.5):
 
 @pytest.mark.backends("cpp", "triton")  # the torch backend is the oracle itself: the grid would compare it with itself
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", HIDDENS)
+@pytest.mark.parametrize("hidden", ROW_HIDDENS)
 @pytest.mark.parametrize(
     "with_lb,with_res,eps", [(False, False, 1e-5), (True, False, 1e-12), (False, True, 1e-5), (True, True, 1e-12)]
 )
@@ -132,17 +132,10 @@ def test_gradients_equal_reference(backend, device):
     shapes = ((5, h), (h,), (h,), (h,), (5, h))
     base = [torch.randn(s, device=device) for s in shapes]
 
-    def grads(be):
-        leaves = [t.clone().requires_grad_(True) for t in base]
-        out = _run(be, leaves[0], leaves[1], leaves[2], EPS, leaves[3], leaves[4])
-        g = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=device)
-        return out.detach(), torch.autograd.grad(out, leaves, g)
+    def run(be, x, w, b, lb, res):
+        return _run(be, x, w, b, EPS, lb, res)
 
-    out_f, g_f = grads(backend)
-    out_r, g_r = grads("torch")
-    assert_close_fp32(out_f, out_r, FP32_OP_ATOL, f"{backend} forward")
-    for i, (a, r) in enumerate(zip(g_f, g_r)):
-        assert torch.allclose(a, r, rtol=0, atol=1e-6), f"{backend}: gradient {i} differs"
+    _check.assert_grads_match_torch(run, base, backend, FP32_OP_ATOL)
 
 
 def test_triton_unsupported_raises_auto_falls_back():
@@ -188,19 +181,8 @@ def test_cpp_errors():
 # --- gpu tier: BERT shapes ----------------------------------------------------------------------
 
 
-def _bert_cases():
-    cases = []
-    for dtype in DTYPES:
-        for model in BERT_SHAPES:
-            for variant in ("bias+residual", "plain"):
-                quick = model == "base" and variant == "bias+residual"
-                marks = [pytest.mark.gpu, *([pytest.mark.gpu_quick] if quick else [])]
-                cases.append(pytest.param(dtype, model, variant, marks=marks, id=f"{model}-{variant}-{str(dtype)[6:]}"))
-    return cases
-
-
 @pytest.mark.backends("triton", "cpp")
-@pytest.mark.parametrize("dtype,model,variant", _bert_cases())
+@pytest.mark.parametrize("dtype,model,variant", _check.bert_cases(("bias+residual", "plain")))
 def test_bert_shapes(backend, device, dtype, model, variant):
     hidden, _ = BERT_SHAPES[model]
     n = sum(bert_lengths(32, 512))

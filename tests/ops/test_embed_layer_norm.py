@@ -9,12 +9,14 @@ the C++ range errors. gpu tier: BERT-base/large tables (vocab 30522) in fp32/fp1
 
 from __future__ import annotations
 
+import _check
 import bert_fast.kernels as K
 import pytest
 import torch
 from _check import (
     BERT_SHAPES,
     DTYPES,
+    ROW_HIDDENS,
     bert_lengths,
     check_op,
     fp32_bound_for_layer_norm,
@@ -28,8 +30,6 @@ from hypothesis import strategies as st
 from tolerances import FP32_OP_ATOL, assert_close_fp32
 
 OP = "embed_layer_norm"
-OP_BACKENDS = ("torch", "cpp", "triton")
-HIDDENS = (37, 312, 384, 768)
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -66,7 +66,7 @@ VARIANTS = [
 
 @pytest.mark.backends("cpp", "triton")  # the torch backend is the oracle itself: the grid would compare it with itself
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", HIDDENS)
+@pytest.mark.parametrize("hidden", ROW_HIDDENS)
 @pytest.mark.parametrize("with_types,use_embeds,eps,id_dtype", VARIANTS)
 def test_matches_reference(backend, device, dtype, hidden, with_types, use_embeds, eps, id_dtype):
     tables = _tables(hidden, dtype, device)
@@ -122,17 +122,10 @@ def test_gradients_equal_reference(backend, device):
     base = _tables(37, torch.float32, device, vocab=20, max_pos=16)
     ids, pos = torch.randint(0, 20, (6,), device=device), torch.arange(6, device=device)
 
-    def grads(be):
-        leaves = [t.clone().requires_grad_(True) for t in base]
-        out = _run(be, ids, pos, None, leaves, 1e-12)
-        g = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=device)
-        return out.detach(), torch.autograd.grad(out, leaves, g)
+    def run(be, *tables):
+        return _run(be, ids, pos, None, tables, 1e-12)
 
-    out_f, g_f = grads(backend)
-    out_r, g_r = grads("torch")
-    assert_close_fp32(out_f, out_r, FP32_OP_ATOL, f"{backend} forward")
-    for i, (a, r) in enumerate(zip(g_f, g_r)):
-        assert torch.allclose(a, r, rtol=0, atol=1e-6), f"{backend}: gradient {i} differs"
+    _check.assert_grads_match_torch(run, base, backend, FP32_OP_ATOL)
 
 
 def _opcheck_args(kind):
@@ -166,19 +159,8 @@ def test_cpp_errors():
 # --- gpu tier: BERT shapes ----------------------------------------------------------------------
 
 
-def _bert_cases():
-    cases = []
-    for dtype in DTYPES:
-        for model in BERT_SHAPES:
-            for variant in ("ids+types", "inputs_embeds"):
-                quick = model == "base" and variant == "ids+types"
-                marks = [pytest.mark.gpu, *([pytest.mark.gpu_quick] if quick else [])]
-                cases.append(pytest.param(dtype, model, variant, marks=marks, id=f"{model}-{variant}-{str(dtype)[6:]}"))
-    return cases
-
-
 @pytest.mark.backends("triton", "cpp")
-@pytest.mark.parametrize("dtype,model,variant", _bert_cases())
+@pytest.mark.parametrize("dtype,model,variant", _check.bert_cases(("ids+types", "inputs_embeds")))
 def test_bert_shapes(backend, device, dtype, model, variant):
     hidden, _ = BERT_SHAPES[model]
     lens = bert_lengths(32, 512)

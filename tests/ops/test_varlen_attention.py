@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import _check
 import bert_fast.kernels as K
 import pytest
 import torch
@@ -37,7 +38,6 @@ from hypothesis import strategies as st
 from tolerances import FP32_ATTN_ATOL, FP32_OP_ATOL, HALF_FLOOR, HALF_OP_FACTOR, assert_close_fp32
 
 OP = "varlen_attention"
-OP_BACKENDS = ("torch", "cpp", "triton")
 
 #: A length-1 sequence, odd lengths, an empty one, a long one.
 LENS = (1, 7, 33, 0, 37, 300, 2)
@@ -133,18 +133,7 @@ def test_identical_calls_are_bitwise_equal(backend, device):
 @pytest.mark.backends("cpp", "triton")
 def test_gradients_equal_reference(backend, device):
     q0, k0, v0, cu = packed_qkv((3, 0, 6), 2, 26, torch.float32, device)
-
-    def grads(be):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (q0, k0, v0)]
-        out = _run(be, *leaves, cu, 6)
-        g = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=device)
-        return out.detach(), torch.autograd.grad(out, leaves, g)
-
-    out_f, g_f = grads(backend)
-    out_r, g_r = grads("torch")
-    assert_close_fp32(out_f, out_r, FP32_ATTN_ATOL, f"{backend} forward")
-    for i, (a, r) in enumerate(zip(g_f, g_r)):
-        assert torch.allclose(a, r, rtol=0, atol=1e-6), f"{backend}: gradient {i} differs"
+    _check.assert_grads_match_torch(lambda be, q, k, v: _run(be, q, k, v, cu, 6), (q0, k0, v0), backend, FP32_ATTN_ATOL)
 
 
 def test_triton_unsupported_raises_auto_falls_back():
@@ -226,20 +215,11 @@ def test_cpp_errors():
 # --- gpu tier: BERT shapes ----------------------------------------------------------------------
 
 
-def _bert_cases():
-    cases = []
-    for dtype in DTYPES:
-        for model in BERT_SHAPES:
-            for batch, max_len in ((32, 512), (32, 128), (8, 37)):
-                quick = model == "base" and (batch, max_len) == (32, 128)
-                marks = [pytest.mark.gpu, *([pytest.mark.gpu_quick] if quick else [])]
-                name = f"{model}-{batch}x{max_len}-{str(dtype)[6:]}"
-                cases.append(pytest.param(dtype, model, batch, max_len, marks=marks, id=name))
-    return cases
-
-
 @pytest.mark.backends("triton", "cpp")
-@pytest.mark.parametrize("dtype,model,batch,max_len", _bert_cases())
+@pytest.mark.parametrize(
+    "dtype,model,batch,max_len",
+    _check.bert_cases(((32, 512), (32, 128), (8, 37)), quick=(32, 128), label=lambda v: f"{v[0]}x{v[1]}"),
+)
 def test_bert_shapes(backend, device, dtype, model, batch, max_len):
     hidden, heads = BERT_SHAPES[model]
     lens = bert_lengths(batch, max_len)
