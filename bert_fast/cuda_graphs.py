@@ -211,17 +211,11 @@ class GraphCache:
                     self.clear()
                     self._signature = signature
 
-    def run(
-        self,
-        encode: Encode,
-        input_ids: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-    ) -> torch.Tensor:
-        """The (N, hidden) encoder output of one packed batch, computed on its bucket; a new tensor."""
+    def run(self, encode: Encode, *batch: Any) -> torch.Tensor:
+        """The (N, hidden) encoder output of one packed ``batch`` (``encode``'s arguments: ``input_ids``,
+        ``position_ids``, ``token_type_ids``, ``inputs_embeds``, ``cu_seqlens``, ``max_seqlen``),
+        computed on its bucket; a new tensor."""
+        input_ids, position_ids, token_type_ids, inputs_embeds, cu_seqlens, max_seqlen = batch
         n = position_ids.shape[0]
         bucket = bucket_for(n, cu_seqlens.shape[0] - 1, max_seqlen)
         device = position_ids.device

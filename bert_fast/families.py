@@ -193,71 +193,59 @@ def _check_length(config: Any, length: int, pad: int) -> None:
         )
 
 
-def _roberta(name: str, prefix: str, model_types: tuple[str, ...]) -> Family:
+#: The task heads transformers defines for most families, base model first.
+_HEADS = (
+    "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+    "ForMultipleChoice",
+)  # fmt: skip
+
+
+def _family(
+    name: str,
+    prefix: str,
+    heads: tuple[str, ...] = _HEADS,
+    first_token_heads: tuple[str, ...] = ("ForSequenceClassification",),
+    **fields: Any,
+) -> Family:
+    """The family whose transformers classes are ``<prefix><head>`` (base ``<prefix>Model``, model type
+    ``name``), laid out as BERT is unless ``fields`` say otherwise."""
+    layout: dict[str, Any] = dict(
+        layers_path=("encoder", "layer"),
+        act_field="hidden_act",
+        padding_positions=False,
+        has_token_types=True,
+        output="BaseModelOutputWithPoolingAndCrossAttentions",
+    )
     return Family(
         name=name,
         base=f"{prefix}Model",
-        model_types=model_types,
-        classes=tuple(
-            f"{prefix}{s}"
-            for s in (
-                "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
-                "ForQuestionAnswering", "ForMultipleChoice",
-            )
-        ),  # fmt: skip
-        layers_path=("encoder", "layer"),
-        act_field="hidden_act",
-        padding_positions=True,
-        has_token_types=True,
-        first_token_heads=(f"{prefix}ForSequenceClassification",),
-        output="BaseModelOutputWithPoolingAndCrossAttentions",
+        model_types=(name,),
+        classes=tuple(prefix + h for h in heads),
+        first_token_heads=tuple(prefix + h for h in first_token_heads),
+        **{**layout, **fields},
     )
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="bert",
-        base="BertModel",
-        model_types=("bert",),
-        classes=(),  # the BERT drop-ins are written out in bert_fast.classes
-        layers_path=("encoder", "layer"),
-        act_field="hidden_act",
-        padding_positions=False,
-        has_token_types=True,
-        first_token_heads=(),
-        output="BaseModelOutputWithPoolingAndCrossAttentions",
-    ),
-    _roberta("roberta", "Roberta", ("roberta",)),
-    _roberta("xlm-roberta", "XLMRoberta", ("xlm-roberta",)),
-    _roberta("camembert", "Camembert", ("camembert",)),
-    Family(
-        name="electra",
-        base="ElectraModel",
-        model_types=("electra",),
-        classes=(
-            "ElectraModel", "ElectraForPreTraining", "ElectraForMaskedLM", "ElectraForSequenceClassification",
-            "ElectraForTokenClassification", "ElectraForQuestionAnswering", "ElectraForMultipleChoice",
-        ),  # fmt: skip
-        layers_path=("encoder", "layer"),
-        act_field="hidden_act",
-        padding_positions=False,
-        has_token_types=True,
-        first_token_heads=("ElectraForSequenceClassification", "ElectraForMultipleChoice"),
+    # the BERT drop-ins are written out in bert_fast.classes
+    _family("bert", "Bert", heads=(), first_token_heads=()),
+    _family("roberta", "Roberta", padding_positions=True),
+    _family("xlm-roberta", "XLMRoberta", padding_positions=True),
+    _family("camembert", "Camembert", padding_positions=True),
+    _family(
+        "electra",
+        "Electra",
+        heads=("Model", "ForPreTraining", *_HEADS[1:]),
+        first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
         output="BaseModelOutputWithPastAndCrossAttentions",
     ),
-    Family(
-        name="distilbert",
-        base="DistilBertModel",
-        model_types=("distilbert",),
-        classes=(
-            "DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification",
-            "DistilBertForTokenClassification", "DistilBertForQuestionAnswering", "DistilBertForMultipleChoice",
-        ),  # fmt: skip
+    _family(
+        "distilbert",
+        "DistilBert",
+        first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
         layers_path=("transformer", "layer"),
         act_field="activation",
-        padding_positions=False,
         has_token_types=False,
-        first_token_heads=("DistilBertForSequenceClassification", "DistilBertForMultipleChoice"),
         output="BaseModelOutput",
     ),
 )
