@@ -40,7 +40,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         choices=("infer", "train"),
         default="infer",
         help="infer (default): forward passes; train: one optimizer step (forward, backward, AdamW) per cell, CPU, "
-        "providers hf_sdpa, bert_fast, bert_fast_sparse (bert_fast.bench.train); uses --model (one preset), "
+        "providers hf_sdpa, bert_fast, bert_fast_sparse (default) and hf_compile (torch.compile of the HF model; "
+        "name it with --providers) (bert_fast.bench.train); uses --model (one preset), "
         "--dtypes (fp32, bf16 autocast), --batch-sizes, --seq-lens (first value), --repeats, --warmup, --seed, "
         "--threads, --train-tasks, --train-lengths",
     )
@@ -198,9 +199,10 @@ def _cmd_bench_train(args: argparse.Namespace, t0: float) -> int:
     if list(args.providers) == list(INFER_PROVIDERS):  # the default list: every train provider
         providers = train.PROVIDERS
     else:
-        providers = tuple(p for p in args.providers if p in train.PROVIDERS)
-        if not providers:
-            raise SystemExit(f"--mode train: --providers must name some of {train.PROVIDERS}; got {args.providers}")
+        providers = tuple(args.providers)
+        unknown = [p for p in providers if p not in train.ALL_PROVIDERS]
+        if unknown:
+            raise SystemExit(f"--mode train: unknown provider(s) {unknown}; choose from {train.ALL_PROVIDERS}")
     result = train.run(
         model=model, tasks=tuple(args.train_tasks), dtypes=tuple(args.dtypes or ["fp32"]),
         lengths=tuple(args.train_lengths), providers=providers, batch_size=(args.batch_sizes or [8])[0],

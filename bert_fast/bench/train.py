@@ -8,7 +8,11 @@ row lengths uniform in [1, seq_len], about half of the padded batch is padding) 
 * ``hf_sdpa``: transformers' own class, ``attn_implementation="sdpa"``, padded batch;
 * ``bert_fast``: the drop-in class, same padded batch (padding skipped inside the model);
 * ``bert_fast_sparse`` (MLM only): the drop-in class with ``sparse_prediction=True`` (the MLM head
-  and its loss only on labelled positions).
+  and its loss only on labelled positions);
+* ``hf_compile``: ``torch.compile`` (Inductor, default mode) of the ``hf_sdpa`` model, forward and
+  backward compiled; the compile happens in the warm-up steps and is reported apart
+  (``first_step_s``). Not in the default list (minutes of compilation on a small CPU): name it
+  with ``--providers``.
 
 All providers of a cell start from the same random weights and get the same batch. Each cell runs
 in a fresh Python process (``python -m bert_fast.bench.train --cell ...``), so that its peak
@@ -38,6 +42,7 @@ PRESET_CONFIGS = {
 }
 TASKS = ("mlm", "cls")
 PROVIDERS = ("hf_sdpa", "bert_fast", "bert_fast_sparse")
+ALL_PROVIDERS = (*PROVIDERS, "hf_compile")
 
 
 def _rss_mib() -> float:
@@ -77,7 +82,7 @@ def _model(task: str, provider: str, model: str, seed: int):
 
     config = transformers.BertConfig(**PRESET_CONFIGS[model], num_labels=2)
     torch.manual_seed(seed)
-    if provider == "hf_sdpa":
+    if provider in ("hf_sdpa", "hf_compile"):
         cls = transformers.BertForMaskedLM if task == "mlm" else transformers.BertForSequenceClassification
         return cls._from_config(config, attn_implementation="sdpa")
     if task == "mlm":
@@ -90,6 +95,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     if cell.get("threads"):
         torch.set_num_threads(int(cell["threads"]))
     model = _model(cell["task"], cell["provider"], cell["model"], cell["seed"]).train()
+    compile_backend = cell.get("compile_backend", "inductor")  # tests use aot_eager (no code generation)
+    step_model = torch.compile(model, backend=compile_backend) if cell["provider"] == "hf_compile" else model
     batch, tokens = _batch(cell["task"], cell["lengths"], cell["batch_size"], cell["seq_len"], 30522, cell["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     bf16 = cell["dtype"] == "bf16"
@@ -98,19 +105,21 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     for i in range(cell["warmup"] + cell["repeats"]):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+            loss = step_model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         if rss_setup is None:
             rss_setup = _current_rss_mib()  # weights, grads and optimizer state exist after step 1
+            first_step = dt
         if i >= cell["warmup"]:
             times.append(dt)
     return {
         **cell,
         "median_s": statistics.median(times),
         "times_s": times,
+        "first_step_s": first_step,
         "valid_tokens": tokens,
         "tokens_per_s": tokens / statistics.median(times),
         "peak_rss_mib": _rss_mib(),
