@@ -164,11 +164,11 @@ inline bf_act_t check_bias_act(const at::Tensor& x, const std::optional<at::Tens
 
 // ---- backward ops (CPU): the forward op's contract plus grad, shaped and typed like x -------------
 
-inline void check_grad_like(const char* op, const at::Tensor& grad, const at::Tensor& x) {
-  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad shape ", grad.sizes(), " != x shape ", x.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", dtype_name(grad.scalar_type()),
-              " != x dtype ", dtype_name(x.scalar_type()));
-  check_same_device(op, "grad", grad, x, "x");
+inline void check_grad_like(const char* op, const at::Tensor& grad, const at::Tensor& x, const char* x_name = "x") {
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad shape ", grad.sizes(), " != ", x_name, " shape ", x.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", dtype_name(grad.scalar_type()), " != ",
+              x_name, " dtype ", dtype_name(x.scalar_type()));
+  check_same_device(op, "grad", grad, x, x_name);
   check_last_dim_contiguous(op, "grad", grad);
 }
 
@@ -238,6 +238,28 @@ inline int64_t check_embed_layer_norm(const std::optional<at::Tensor>& input_ids
   return H;
 }
 
+// embed_layer_norm_bwd: the forward's contract plus grad, shaped (tokens, H) like the output and of
+// the tables' dtype.
+inline int64_t check_embed_layer_norm_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& input_ids,
+                                          const at::Tensor& position_ids,
+                                          const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb,
+                                          const at::Tensor& pos_emb, const at::Tensor& type_emb,
+                                          const at::Tensor& weight, const at::Tensor& bias,
+                                          const std::optional<at::Tensor>& inputs_embeds) {
+  constexpr const char* op = "embed_layer_norm_bwd";
+  const int64_t H = check_embed_layer_norm(input_ids, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
+                                           weight, bias, inputs_embeds);
+  std::vector<int64_t> want(position_ids.sizes().begin(), position_ids.sizes().end());
+  want.push_back(H);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(want), op, ": grad shape ", grad.sizes(), " != output shape ",
+              at::IntArrayRef(want));
+  TORCH_CHECK(grad.scalar_type() == word_emb.scalar_type(), op, ": grad dtype ", dtype_name(grad.scalar_type()),
+              " != word_emb dtype ", dtype_name(word_emb.scalar_type()));
+  check_same_device(op, "grad", grad, word_emb, "word_emb");
+  check_last_dim_contiguous(op, "grad", grad);
+  return H;
+}
+
 // ---- varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale) ------------------------------------------
 // q, k, v: (tokens, heads, head_dim), one dtype, one device, last dim contiguous; cu_seqlens: 1-D
 // int32/int64 offsets of batch + 1 sequences. The values of cu_seqlens: check_cu_seqlens_values.
@@ -274,6 +296,12 @@ inline int64_t check_cu_seqlens_values(const int64_t* cu, int64_t B, int64_t N, 
     lmax = std::max(lmax, len);
   }
   return lmax;
+}
+
+inline void check_varlen_attention_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
+  check_varlen_attention(q, k, v, cu_seqlens, scale);
+  check_grad_like("varlen_attention_bwd", grad, q, "q");
 }
 
 // ---- padding: unpad_mask(mask), gather_rows(x, indices), scatter_rows(x, indices, num_rows) -----------

@@ -35,6 +35,15 @@ TORCH_LIBRARY(bert_fast, m) {
       "bias_residual_layer_norm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, float eps, "
       "Tensor? linear_bias=None, Tensor? residual=None) -> (Tensor dx, Tensor dweight, Tensor dbias, "
       "Tensor dlinear_bias)");
+  // inputs_embeds given: dword_emb is a (0, H) placeholder; not given: dinputs_embeds is one.
+  m.def(
+      "embed_layer_norm_bwd(Tensor grad, Tensor? input_ids, Tensor position_ids, Tensor? token_type_ids, "
+      "Tensor word_emb, Tensor pos_emb, Tensor type_emb, Tensor weight, Tensor bias, float eps, "
+      "Tensor? inputs_embeds=None) -> (Tensor dword_emb, Tensor dpos_emb, Tensor dtype_emb, Tensor dweight, "
+      "Tensor dbias, Tensor dinputs_embeds)");
+  m.def(
+      "varlen_attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // Every op, registered with its <op>_<device> implementation (ops.h): one list for both devices, so
@@ -54,6 +63,8 @@ TORCH_LIBRARY_IMPL(bert_fast, CPU, m) { BERT_FAST_REGISTER_OPS(cpu) }
 TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
   m.impl("bias_act_bwd", &bias_act_bwd_cpu);
   m.impl("bias_residual_layer_norm_bwd", &bias_residual_layer_norm_bwd_cpu);
+  m.impl("embed_layer_norm_bwd", &embed_layer_norm_bwd_cpu);
+  m.impl("varlen_attention_bwd", &varlen_attention_bwd_cpu);
 }
 
 #ifdef WITH_CUDA

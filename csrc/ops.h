@@ -36,6 +36,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_n
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
     const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_layer_norm_bwd_cpu(
+    const at::Tensor& grad, const std::optional<at::Tensor>& input_ids, const at::Tensor& position_ids,
+    const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb, const at::Tensor& pos_emb,
+    const at::Tensor& type_emb, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const std::optional<at::Tensor>& inputs_embeds);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at::Tensor& grad, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const at::Tensor& cu_seqlens,
+                                                                        int64_t max_seqlen, double scale);
+
 BERT_FAST_DECLARE_OPS(cpu)
 #ifdef WITH_CUDA
 BERT_FAST_DECLARE_OPS(cuda)

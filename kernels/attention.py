@@ -27,7 +27,7 @@ head_dim and power-of-two bucket of ``max_seqlen``.
 
 Backends: ``torch`` (:func:`varlen_attention_ref`: re-pads to (B, Lmax) and calls PyTorch SDPA
 with a key mask — exact semantics, not fast), ``triton``, ``cpp``. ``dropout_p > 0`` (training)
-is served by the reference only.
+is served by the reference only. Backward kernels: :mod:`~bert_fast.kernels.attention_backward`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from . import _backend, _dispatch
 from . import _triton_utils as _tu
 from ._triton_utils import tl, triton
+from .attention_backward import BACKWARD as _BACKWARD
 
 
 def _positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,4 +386,5 @@ OP = _dispatch.Op(
     {"triton": _varlen_attention_triton, "cpp": {"cpu": _varlen_attention_cpp, "cuda": _varlen_attention_triton}},
     supports={"triton": _triton_support, "cpp": _cpp_support},
     grad_args=(0, 1, 2),
+    backward=_BACKWARD,
 )

@@ -15,8 +15,8 @@ tables are not rounded between the two adds, unlike HF; the order of the adds is
 H <= 4096, fp16/bf16/fp32 tables, unit stride along H (other layouts are copied first). Ids are
 not range-checked. Warp count autotuned per row block and H on the GPU.
 
-Backends: ``torch`` (:func:`embed_layer_norm_ref`), ``triton``, ``cpp``; reference backward under
-autograd for the fused ones.
+Backends: ``torch`` (:func:`embed_layer_norm_ref`), ``triton``, ``cpp``; backward kernels (Triton, C++ on CPU)
+in :mod:`~bert_fast.kernels.embeddings_backward`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import _dispatch
 from . import _triton_utils as _tu
 from ._triton_utils import tl
+from .embeddings_backward import BACKWARD as _BACKWARD
 
 
 def embed_layer_norm_ref(
@@ -270,4 +271,5 @@ OP = _dispatch.Op(
     supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
     device_arg=3,
     grad_args=(3, 4, 5, 6, 7, 9),
+    backward=_BACKWARD,
 )

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import bert_fast
+from tests._check import cpp_has_kernel
 from tests._models import backends_for_models, paired, random_batch, tiny_config
 from tests.tolerances import FP32_MODEL_ATOL
 
@@ -98,6 +99,40 @@ def test_gradient_checkpointing_repeats_dropout_masks(backend):
         torch.testing.assert_close(g_ckpt[name], g_plain[name], atol=1e-6, rtol=0, msg=name)
     ours.gradient_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in ours.bert.encoder.layer)
+
+
+def test_cpp_training_runs_fused_backward_kernels(monkeypatch):
+    """A tiny BertModel on the cpp backend in training: gradients equal to HF's, and the embeddings
+    and attention gradients come from their C++ backward kernels (each called once per backward)."""
+    names = ("embed_layer_norm_bwd", "varlen_attention_bwd", "bias_residual_layer_norm_bwd")
+    if not all(cpp_has_kernel(n, "cpu") for n in names):
+        pytest.skip("bert_fast._C is not built, or predates the backward kernels")
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(torch.ops.bert_fast, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(torch.ops.bert_fast, name, counted)
+    config = tiny_config(num_hidden_layers=2)
+    ref, ours = _pair(transformers.BertModel, bert_fast.BertModel, config, "cpp")
+    torch.manual_seed(5)
+    ids, mask, types = random_batch([17, 9, 1, 0, 12], config)
+    weights = torch.randn(*ids.shape, config.hidden_size) * mask[..., None]  # valid tokens only
+    for model in (ref, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        (out * weights).sum().backward()
+    assert calls["embed_layer_norm_bwd"] == 1, calls
+    assert calls["varlen_attention_bwd"] == config.num_hidden_layers, calls
+    assert calls["bias_residual_layer_norm_bwd"] == 2 * config.num_hidden_layers, calls
+    g_ref, g_ours = _grads(ref), _grads(ours)
+    assert g_ref.keys() == g_ours.keys()
+    for name in g_ref:
+        err = (g_ref[name] - g_ours[name]).abs().max().item()
+        assert err <= FP32_MODEL_ATOL, f"{name}: max abs diff {err:.3e}"
 
 
 # ---- sparse MLM prediction ---------------------------------------------------------------------

@@ -122,3 +122,103 @@ def test_cpp_backward_opcheck():
         torch.ops.bert_fast.bias_residual_layer_norm_bwd,
         (torch.randn(5, 24), x, torch.randn(24), torch.randn(24), 1e-5, torch.randn(24), torch.randn(5, 24)),
     )
+
+
+def _embed_inputs(device, dtype, hidden, n, with_embeds, with_types):
+    vocab, positions, types = 11, 9, 3
+    tables = [
+        torch.randn(vocab, hidden, device=device).to(dtype),
+        torch.randn(positions, hidden, device=device).to(dtype),
+        torch.randn(types, hidden, device=device).to(dtype),
+        (1 + 0.3 * torch.randn(hidden, device=device)).to(dtype),
+        (0.1 * torch.randn(hidden, device=device)).to(dtype),
+    ]
+    # few distinct ids, so every table row is hit by several tokens (scatter-add collisions)
+    ids = torch.randint(0, 4, (n,), device=device)
+    pos = torch.randint(0, positions, (n,), device=device)
+    tt = torch.randint(0, types, (n,), device=device) if with_types else None
+    embeds = torch.randn(n, hidden, device=device).to(dtype) if with_embeds else None
+    return ids, pos, tt, tables, embeds
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", (37, 312))
+@pytest.mark.parametrize("with_embeds", (False, True))
+@pytest.mark.parametrize("with_types", (True, False))
+def test_embed_layer_norm_backward(backend, device, dtype, hidden, with_embeds, with_types):
+    if backend == "cpp":
+        from _check import cpp_has_kernel
+
+        if not cpp_has_kernel("embed_layer_norm_bwd", device):
+            pytest.skip("bert_fast._C has no embed_layer_norm_bwd kernel")
+    torch.manual_seed(hidden + 2 * with_embeds + with_types)
+    n, eps = 21, 1e-12
+    ids, pos, tt, tables, embeds = _embed_inputs(device, dtype, hidden, n, with_embeds, with_types)
+    g = torch.randn(n, hidden, device=device).to(dtype)
+
+    def ours_fn(we, pe, te, w, b, ie):
+        return K.embed_layer_norm(ids, pos, tt, we, pe, te, w, b, eps, inputs_embeds=ie, backend=backend)
+
+    def ref_fn(we, pe, te, w, b, ie):
+        return K.embed_layer_norm_ref(ids, pos, tt, we, pe, te, w, b, eps, inputs_embeds=ie)
+
+    inputs = (*tables, embeds)
+    out, ours = _grads(ours_fn, inputs, g)
+    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    _, ref32 = _grads(ref_fn, [t.float() if t is not None else None for t in inputs], g.float())
+    _, same = _grads(ref_fn, inputs, g)
+    if with_embeds:
+        assert ours[0] is None and ref32[0] is None  # the word table is not used
+    _compare(ours, ref32, same, dtype, f"embed_layer_norm[{backend},{hidden},{dtype}]")
+
+
+@pytest.mark.parametrize("deterministic", (True, False))
+def test_embed_layer_norm_backward_deterministic(backend, device, deterministic):
+    """Two calls give bitwise equal gradients (the C++ kernel and Triton's segmented reduction
+    always; Triton's atomics path is only checked for correctness here)."""
+    if backend == "cpp":
+        from _check import cpp_has_kernel
+
+        if not deterministic:
+            pytest.skip("the C++ kernel has one (deterministic) path")
+        if not cpp_has_kernel("embed_layer_norm_bwd", device):
+            pytest.skip("bert_fast._C has no embed_layer_norm_bwd kernel")
+    from bert_fast.kernels.embeddings_backward import embed_layer_norm_backward
+
+    torch.manual_seed(5)
+    n, hidden = 67, 150  # several blocks of tokens and of columns
+    ids, pos, tt, tables, _ = _embed_inputs(device, torch.float32, hidden, n, False, True)
+    g = torch.randn(n, hidden, device=device) * 100  # large values: any change of summation order shows
+    args = (g, ids, pos, tt, *tables, 1e-12, None)
+    first = embed_layer_norm_backward(*args, backend=backend, deterministic=deterministic)
+    second = embed_layer_norm_backward(*args, backend=backend, deterministic=deterministic)
+    _, ref = _grads(lambda *t: K.embed_layer_norm_ref(ids, pos, tt, *t, 1e-12), tables, g)
+    for i, (a, b, r) in enumerate(zip(first, second, ref)):
+        assert_close_fp32(a, r, 400 * FP32_OP_ATOL, f"grad {i}")  # dy ~ 100: the fp32 tolerance scaled
+        if deterministic:
+            assert torch.equal(a, b), f"grad {i} differs between two calls"
+    if backend == "cpp":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = embed_layer_norm_backward(*args, backend=backend)
+        finally:
+            torch.set_num_threads(threads)
+        for i, (a, b) in enumerate(zip(one[:5], first[:5])):
+            assert torch.equal(a, b), f"grad {i} depends on the thread count"
+
+
+def test_cpp_embed_layer_norm_backward_checks():
+    from _check import cpp_has_kernel, load_cpp_ops
+
+    if not cpp_has_kernel("embed_layer_norm_bwd", "cpu"):
+        pytest.skip("bert_fast._C has no embed_layer_norm_bwd kernel")
+    load_cpp_ops()
+    ids, pos, tt, tables, _ = _embed_inputs("cpu", torch.float32, 24, 5, False, True)
+    op = torch.ops.bert_fast.embed_layer_norm_bwd
+    with pytest.raises(RuntimeError, match="embed_layer_norm_bwd: grad shape"):
+        op(torch.randn(5, 23), ids, pos, tt, *tables, 1e-12, None)
+    with pytest.raises(RuntimeError, match="input_ids value 11 is out of range"):
+        op(torch.randn(5, 24), torch.full_like(ids, 11), pos, tt, *tables, 1e-12, None)
+    torch.library.opcheck(op, (torch.randn(5, 24), ids, pos, tt, *tables, 1e-5, None))
+    torch.library.opcheck(op, (torch.randn(5, 24), None, pos, None, *tables, 1e-5, torch.randn(5, 24)))
