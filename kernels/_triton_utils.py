@@ -235,14 +235,17 @@ def launcher(name: str, schema: str, impl: Callable, fake: Callable) -> Callable
     Dynamo traces (one opaque node in the graph), directly otherwise (no dispatcher overhead). It
     keeps ``impl``'s docstring; without a registrable custom op it is ``impl``'s call alone."""
     op = register_op(name, schema, impl, fake)
-    signature = inspect.signature(impl)
+    # The op's schema has no defaults: under tracing every argument goes by position. Built here
+    # from plain names and values (``Signature.bind`` is not traceable by Dynamo).
+    params = list(inspect.signature(impl).parameters.values())
+    names = [p.name for p in params]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     @functools.wraps(impl)
     def launch(*args, **kwargs):
         if op is not None and compiling():
-            call = signature.bind(*args, **kwargs)
-            call.apply_defaults()  # the op's schema has no defaults: every argument, by position
-            return op(*call.args)
+            rest = [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args) :]]
+            return op(*args, *rest)
         return impl(*args, **kwargs)
 
     launch.__name__ = launch.__qualname__ = name

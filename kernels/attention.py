@@ -45,10 +45,12 @@ from .attention_backward import BACKWARD as _BACKWARD
 
 def _positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence index, position in sequence) of each packed token."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), lens.long())
-    pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq]
-    return seq, pos
+    # searchsorted, not repeat_interleave: no data-dependent output size (traceable, no host sync);
+    # empty sequences are skipped (right=True counts every end <= the token).
+    cu = cu_seqlens.long()
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu[1:], tokens, right=True)
+    return seq, tokens - cu[:-1][seq]
 
 
 def varlen_attention_ref(

@@ -33,17 +33,10 @@ LAYOUTS = ["unpadded", "packed"]
 LENGTHS = [5, 8]  # packed sequences of unequal lengths: the variable-length attention path
 
 
-def _params(explain: bool = False):
+def _params():
     for backend in BACKENDS:
         for layout in LAYOUTS:
-            marks = list(backend.marks)
-            if explain and backend.values[0] == "torch" and layout == "packed":
-                # The reference attention derives each token's sequence with repeat_interleave
-                # without output_size: explain() breaks the graph there (fullgraph=True traces it).
-                marks.append(
-                    pytest.mark.xfail(strict=True, reason="varlen_attention_ref: data-dependent repeat_interleave")
-                )
-            yield pytest.param(backend.values[0], layout, marks=marks, id=f"{backend.values[0]}-{layout}")
+            yield pytest.param(backend.values[0], layout, marks=list(backend.marks), id=f"{backend.values[0]}-{layout}")
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +82,7 @@ def _assert_matches_eager(model, compiled, inputs: dict, what: str) -> None:
     assert_close_fp32(got.pooler_output, want.pooler_output, FP32_MODEL_ATOL, f"{what} pooler_output")
 
 
-@pytest.mark.parametrize("backend, layout", list(_params(explain=True)))
+@pytest.mark.parametrize("backend, layout", list(_params()))
 def test_explain_shows_no_graph_break(backend, layout):
     model = _model(backend)
     inputs = _inputs(layout, model.config)

@@ -43,7 +43,7 @@ def test_varlen_attention_backward(backend, device, dtype, head_dim, lens):
 
     out, ours = _grads(lambda a, b, c: K.varlen_attention(a, b, c, cu, max_len, scale=scale, backend=backend),
                        (q, k, v), g)  # fmt: skip
-    assert type(out.grad_fn).__name__ == "_FusedBackwardBackward", "the fused backward is not the one recorded"
+    assert getattr(out.grad_fn, "fused", False), "the fused backward is not the one recorded"
     _, ref32 = _grads(lambda a, b, c: K.varlen_attention_ref(a, b, c, cu, max_len, scale), (q.float(), k.float(),
                       v.float()), g.float())  # fmt: skip
     _, same = _grads(lambda a, b, c: K.varlen_attention_ref(a, b, c, cu, max_len, scale), (q, k, v), g)
