@@ -119,15 +119,30 @@ def save(result: dict, out: str) -> None:
     except ImportError:
         print(f"wrote {path} (matplotlib not installed: no PNG)")
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    curves = {}
     for name in sorted(os.listdir(out)):  # every provider's curve found in the folder
         if name.startswith("loss_") and name.endswith(".json"):
             with open(os.path.join(out, name), encoding="utf-8") as f:
                 r = json.load(f)
-            ax.plot(r["losses"], label=f"{r['provider']} ({r['tokens_per_s']:,.0f} tok/s)")
-    ax.set_xlabel("step")
+            curves[r["provider"]] = r
+    base = curves.get("hf")
+    others = [r for p, r in curves.items() if p != "hf" and base is not None]
+    # with HF's curve beside ours: a second panel with the difference (the curves overlap when equal)
+    fig, axes = plt.subplots(2 if others else 1, 1, figsize=(6, 5 if others else 3.5), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    for style, r in zip(("-", "--", ":", "-."), curves.values()):
+        ax.plot(r["losses"], style, label=f"{r['provider']} ({r['tokens_per_s']:,.0f} tok/s)")
     ax.set_ylabel("MLM loss")
     ax.legend()
+    if others:
+        diff_ax = axes[1][0]
+        for r in others:
+            n = min(len(r["losses"]), len(base["losses"]))
+            diff_ax.plot([a - b for a, b in zip(r["losses"][:n], base["losses"][:n])], label=f"{r['provider']} - hf")
+        diff_ax.axhline(0.0, color="grey", linewidth=0.5)
+        diff_ax.set_ylabel("loss difference")
+        diff_ax.legend()
+    axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     png = os.path.join(out, "loss_curve.png")
     fig.savefig(png, dpi=120)

@@ -4,7 +4,7 @@ The interpreter (used by the other Triton tests on CPU) forgives what the GPU co
 layouts, register pressure, shared memory. ``triton.compile(ASTSource(...), target=GPUTarget(...))``
 runs Triton's whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> ptxas cubin) without a GPU,
 so this test compiles each config the launchers can choose (every autotune config x every dtype x
-every row-block / head_dim bucket) and fails on a compile error or a register spill.
+every row-block / head_dim bucket), forward and backward kernels, and fails on a compile error or a register spill.
 
 Spills: Triton fills ``n_spills`` only when a kernel is loaded on a device, so the compiled cubin's
 resource usage is read with the ``cuobjdump`` Triton ships (``--dump-resource-usage``); a spill
@@ -44,10 +44,10 @@ def _jobs():
 
     Each op module lists its own specializations (``aot_specs()``); this expands them per dtype.
     """
-    from bert_fast.kernels import activation, attention, embeddings, layer_norm
+    from bert_fast.kernels import activation, attention, attention_backward, embeddings, embeddings_backward, layer_norm
 
     jobs = []
-    for module in (layer_norm, embeddings, activation, attention):
+    for module in (layer_norm, embeddings, activation, attention, attention_backward, embeddings_backward):
         for spec in module.aot_specs():
             for dt in spec.get("dtypes", DTYPES):
                 sig = {name: ty.format(dt=dt, it=ID_TYPE) for name, ty in spec["signature"].items()}
