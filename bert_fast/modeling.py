@@ -134,6 +134,31 @@ def _encode(model, plan, act: str, x: torch.Tensor, cu_seqlens, max_seqlen: int,
     return sequence_output, (tuple(all_hidden) if all_hidden is not None else None)
 
 
+class _NoGradRow(torch.autograd.Function):
+    """Identity on an embedding table whose backward zeroes one row's gradient: HF's
+    ``nn.Embedding(padding_idx=...)`` never updates the padding row, even where a padding id is
+    among the real tokens; the fused embedding backward scatters into every row it reads."""
+
+    @staticmethod
+    def forward(ctx, table, row: int):  # type: ignore[override]
+        ctx.row = row
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.clone()
+        grad[ctx.row] = 0
+        return grad, None
+
+
+def _word_table(emb) -> torch.Tensor:
+    words = emb.word_embeddings
+    weight, pad = words.weight, getattr(words, "padding_idx", None)
+    if pad is not None and weight.requires_grad and torch.is_grad_enabled():
+        return _NoGradRow.apply(weight, pad)
+    return weight
+
+
 def _embed(plan, model, input_ids, position_ids, token_type_ids, inputs_embeds):
     emb = model.embeddings
     ln = emb.LayerNorm
@@ -141,7 +166,7 @@ def _embed(plan, model, input_ids, position_ids, token_type_ids, inputs_embeds):
         input_ids,
         position_ids,
         token_type_ids,
-        emb.word_embeddings.weight,
+        _word_table(emb),
         emb.position_embeddings.weight,
         _family(model).type_table(emb),
         ln.weight,

@@ -135,6 +135,30 @@ def test_cpp_training_runs_fused_backward_kernels(monkeypatch):
         assert err <= FP32_MODEL_ATOL, f"{name}: max abs diff {err:.3e}"
 
 
+@pytest.mark.parametrize("backend", backends_for_models())
+def test_padding_row_of_the_word_table_gets_no_gradient(backend):
+    """HF's word table is ``nn.Embedding(padding_idx=pad_token_id)``: a padding id among the real
+    tokens gets no gradient there. Ours (fused embedding backward) matches it on every parameter."""
+    config = tiny_config(num_hidden_layers=1)
+    ref, ours = _pair(transformers.BertModel, bert_fast.BertModel, config, backend)
+    torch.manual_seed(7)
+    ids, mask, types = random_batch([9, 5], config)
+    pad = config.pad_token_id
+    ids[0, 2] = ids[1, 1] = pad  # padding ids at valid (mask = 1) positions
+    weights = torch.randn(*ids.shape, config.hidden_size) * mask[..., None]
+    for model in (ref, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        (out * weights).sum().backward()
+    g_ref, g_ours = _grads(ref), _grads(ours)
+    word = "embeddings.word_embeddings.weight"
+    assert g_ref[word][pad].abs().max() == 0 and g_ours[word][pad].abs().max() == 0
+    assert g_ours[word].abs().sum() > 0
+    for name in g_ref:
+        err = (g_ref[name] - g_ours[name]).abs().max().item()
+        assert err <= FP32_MODEL_ATOL, f"{name}: max abs diff {err:.3e}"
+
+
 # ---- sparse MLM prediction ---------------------------------------------------------------------
 
 
