@@ -4,9 +4,10 @@ The operators are registered with the PyTorch dispatcher by the extension
 (``TORCH_LIBRARY(bert_fast, m)``): CPU kernels always, CUDA kernels when it was built with them.
 The op files call ``torch.ops.bert_fast.<op>`` directly; each declares the op's fake (meta)
 implementation once (:func:`bert_fast.kernels._dispatch.register_cpp_fake`), attached when the
-extension is loaded and shared with the op's Triton custom op. Two backward ops (CPU only),
-``bias_act_bwd`` and ``bias_residual_layer_norm_bwd``, serve autograd for their forward ops; the other
-ops get the reference backward (``kernels/_autograd.py``).
+extension is loaded and shared with the op's Triton custom op. Four backward ops (CPU only),
+``bias_act_bwd``, ``bias_residual_layer_norm_bwd``, ``embed_layer_norm_bwd`` and
+``varlen_attention_bwd``, serve autograd for their forward ops (``kernels/_autograd.py``); on CUDA
+the Triton backward kernels serve.
 
 Inputs are checked in C++ (``TORCH_CHECK``): a bad dtype, device, shape or stride raises a
 ``RuntimeError`` naming the op, the argument, the value and what was expected.
