@@ -195,7 +195,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+        plot(results, os.path.splitext(args.out)[0] + ".png")
     return 0 if len(results) == len(configs) else 1
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Resident memory over the calls, one line per configuration (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for r in results:
+        calls, rss = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(calls, [m - r["rss_after_warmup_mb"] for m in rss], marker=".",
+                label=f"{r['impl']} {r['backend']} {r['dtype']}: {r['growth_mb']:+.0f} MB")  # fmt: skip
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("call")
+    ax.set_ylabel("resident memory growth after warm-up (MB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
