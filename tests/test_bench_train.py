@@ -11,7 +11,10 @@ from bert_fast import cli
 from bert_fast.bench import train
 
 
-def test_train_bench_cells_and_ratio_table(tmp_path):
+def test_train_bench_cells_and_ratio_table(tmp_path, monkeypatch):
+    # the cells run in child processes: without this, `auto` there would take the Triton interpreter
+    # the test session enables on CPU (a minute per step instead of a fraction of a second)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "res"
     rc = cli.main(["bench", "--mode", "train", "--model", "tiny", "--train-lengths", "mixed", "--repeats", "1",
                    "--warmup", "1", "--out", str(out), "--name", "t"])  # fmt: skip
