@@ -20,6 +20,19 @@ OP_BACKENDS = ("cpp", "triton")
 
 pytestmark = pytest.mark.usefixtures("poison")
 
+#: The row ops' cases: every dtype at hidden 37 (odd, below one block) and 312 (TinyBERT, % 16 != 0).
+ROW_CASES = pytest.mark.parametrize("dtype, hidden", [(d, h) for d in DTYPES for h in (37, 312)])
+#: Both optional inputs of a row op, present or not: every combination.
+BOTH_FLAGS = [(a, b) for a in (True, False) for b in (True, False)]
+
+
+def _skip_without_cpp_kernel(backend: str, op: str, device) -> None:
+    """Skip a ``cpp`` case when the built extension predates the backward kernel ``op``."""
+    from _check import cpp_has_kernel
+
+    if backend == "cpp" and not cpp_has_kernel(op, device):
+        pytest.skip(f"bert_fast._C has no {op} kernel")
+
 
 def _grads(fn, inputs, grad_out):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
@@ -62,16 +75,10 @@ def test_bias_act_backward(backend, device, dtype, activation, cols, with_bias):
     _compare(ours, ref32, same, dtype, f"bias_act[{backend},{activation},{dtype}]")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", (37, 312))
-@pytest.mark.parametrize("with_linear_bias", (True, False))
-@pytest.mark.parametrize("with_residual", (True, False))
+@ROW_CASES
+@pytest.mark.parametrize("with_linear_bias, with_residual", BOTH_FLAGS)
 def test_bias_residual_layer_norm_backward(backend, device, dtype, hidden, with_linear_bias, with_residual):
-    if backend == "cpp":
-        from _check import cpp_has_kernel
-
-        if not cpp_has_kernel("bias_residual_layer_norm_bwd", device):
-            pytest.skip("bert_fast._C has no bias_residual_layer_norm_bwd kernel")
+    _skip_without_cpp_kernel(backend, "bias_residual_layer_norm_bwd", device)
     torch.manual_seed(hidden)
     rows = 19
     x = (torch.randn(rows, hidden, device=device) * 2 + 0.5).to(dtype)
@@ -141,16 +148,10 @@ def _embed_inputs(device, dtype, hidden, n, with_embeds, with_types):
     return ids, pos, tt, tables, embeds
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", (37, 312))
-@pytest.mark.parametrize("with_embeds", (False, True))
-@pytest.mark.parametrize("with_types", (True, False))
+@ROW_CASES
+@pytest.mark.parametrize("with_embeds, with_types", BOTH_FLAGS)
 def test_embed_layer_norm_backward(backend, device, dtype, hidden, with_embeds, with_types):
-    if backend == "cpp":
-        from _check import cpp_has_kernel
-
-        if not cpp_has_kernel("embed_layer_norm_bwd", device):
-            pytest.skip("bert_fast._C has no embed_layer_norm_bwd kernel")
+    _skip_without_cpp_kernel(backend, "embed_layer_norm_bwd", device)
     torch.manual_seed(hidden + 2 * with_embeds + with_types)
     n, eps = 21, 1e-12
     ids, pos, tt, tables, embeds = _embed_inputs(device, dtype, hidden, n, with_embeds, with_types)
@@ -176,13 +177,9 @@ def test_embed_layer_norm_backward(backend, device, dtype, hidden, with_embeds, 
 def test_embed_layer_norm_backward_deterministic(backend, device, deterministic):
     """Two calls give bitwise equal gradients (the C++ kernel and Triton's segmented reduction
     always; Triton's atomics path is only checked for correctness here)."""
-    if backend == "cpp":
-        from _check import cpp_has_kernel
-
-        if not deterministic:
-            pytest.skip("the C++ kernel has one (deterministic) path")
-        if not cpp_has_kernel("embed_layer_norm_bwd", device):
-            pytest.skip("bert_fast._C has no embed_layer_norm_bwd kernel")
+    if backend == "cpp" and not deterministic:
+        pytest.skip("the C++ kernel has one (deterministic) path")
+    _skip_without_cpp_kernel(backend, "embed_layer_norm_bwd", device)
     from bert_fast.kernels.embeddings_backward import embed_layer_norm_backward
 
     torch.manual_seed(5)
