@@ -210,6 +210,84 @@ def layer_norm_row(h, cols, mask, n_cols, W, B, eps):
     return diff * rstd * w + b
 
 
+@jit
+def row_program(W, n_cols, BLOCK_H: tl.constexpr):
+    """The start of a LayerNorm-backward row program: ``(pid, cols, mask, w)``, its program id (int64
+    before any stride product), the column offsets, their mask and the weight ``W`` as fp32 (0 on
+    masked lanes)."""
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < n_cols
+    return tl.program_id(0).to(tl.int64), cols, mask, tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@jit
+def layer_norm_row_bwd(dy, w, diff, rstd, mask, n_cols):
+    """Backward of one LayerNorm row (the twin of :func:`layer_norm_row`): from the output gradient
+    ``dy`` and the weight ``w`` (fp32 rows), the row's deviations ``diff = h - mean`` (0 on masked
+    lanes) and ``rstd``, returns ``(xhat, dh)``: the normalized row (for the caller's column sums
+    dweight += dy xhat, dbias += dy) and the gradient of the summed row h, 0 outside ``mask``."""
+    xhat = diff * rstd
+    g = dy * w
+    mg = tl.sum(g, axis=0) / n_cols
+    mgx = tl.sum(g * xhat, axis=0) / n_cols
+    return xhat, tl.where(mask, rstd * (g - mg - xhat * mgx), 0.0)
+
+
+@jit
+def varlen_program(CuSeqlens, num_heads):
+    """The packed sequence and head of this program of a varlen attention grid (axis 1: batch * heads):
+    ``(start, seqlen, head)``. ``start`` is int64 before any stride product (N * 3 * hidden may exceed
+    2^31); offsets within a sequence stay int32 (the launchers check max_seqlen * stride < 2^31)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    seq = pid_bh // num_heads
+    start = tl.load(CuSeqlens + seq).to(tl.int64)
+    seqlen = (tl.load(CuSeqlens + seq + 1).to(tl.int64) - start).to(tl.int32)
+    return start, seqlen, pid_bh % num_heads
+
+
+@jit
+def varlen_offsets(pid, seqlen, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_LOOP: tl.constexpr):  # fmt: skip
+    """Offsets of block ``pid`` of BLOCK tokens (the program's own), of a BLOCK_LOOP block starting
+    at 0 (the one the kernel loops over) and of head_dim, with the head_dim mask and the mask of the
+    program's tokens inside the sequence: ``(offs, offs_loop, offs_d, mask_d, mask)``."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    return offs, tl.arange(0, BLOCK_LOOP), offs_d, offs_d < HEAD_DIM, offs < seqlen
+
+
+@jit
+def online_softmax_init(BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """The online softmax's start for BLOCK_M query rows: ``(m_i, l_i, acc)`` = (-inf, 0, 0), fp32.
+
+    The running max starts at -inf (not finfo.min): the first key block always holds a valid key
+    (the loops only visit blocks that start inside the sequence), so the max is finite after the
+    first step, alpha = exp2(-inf - finite) = 0 exactly, and no inf - inf ever occurs."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return m_i, tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+
+@jit
+def online_softmax_step(s, mask_n, m_i, l_i):
+    """One key block of the attention forward's online softmax (base 2): keys outside ``mask_n`` get
+    -inf, i.e. probability exactly 0. Returns ``(p, alpha, m_new, l_new)``: the block's unnormalized
+    probabilities, the factor rescaling what was accumulated, and the running max and row sum."""
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@jit
+def load_tile(base, rows, stride_tok, offs_d, mask_rows, mask_d):
+    """The (rows, D_PAD) tile of one head at ``base`` (token stride ``stride_tok``, unit stride along
+    head_dim). Padded head_dim lanes and rows past the sequence load 0: they add 0 to every dot
+    product (and never 0 * NaN)."""
+    return tl.load(base + rows[:, None] * stride_tok + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
+                   other=0.0)  # fmt: skip
+
+
 def register_op(name: str, schema: str, impl: Callable, fake: Callable) -> Callable | None:
     """Register ``impl`` as ``bert_fast_triton::<name>`` with a fake implementation.
 

@@ -16,15 +16,17 @@ Kernels:
   (sequence, head), the formulas above as ATen GEMMs on the sequence's slices (the BLAS PyTorch
   links), P recomputed in fp32, tasks dealt longest-first to the threads; each task writes its own
   slices, so the result does not depend on the thread count.
-* Triton, FlashAttention-2's backward in three kernels, grids (blocks of ``max_seqlen``,
-  batch * heads) as the forward, programs past their sequence's length exit at once:
+* Triton, FlashAttention-2's backward in three launches of two kernels, grids (blocks of
+  ``max_seqlen``, batch * heads) as the forward, programs past their sequence's length exit at once:
   ``_attn_bwd_preprocess_kernel`` (per query block) recomputes the forward's online softmax to get
   O and the row's log-sum-exp (base 2), and stores LSE and ``D = rowsum(dO * O)`` (fp32);
-  ``_attn_bwd_dkdv_kernel`` (per key block) keeps its K, V tiles and the dK, dV accumulators in
-  registers and loops over the sequence's query blocks, recomputing ``P = exp2(S - LSE)``;
-  ``_attn_bwd_dq_kernel`` (per query block) loops over the key blocks for dQ. No atomics: the result
-  is deterministic. Limits as the forward: head_dim <= 128 (padded to a power of two >= 32 with
-  masks), fp16/bf16/fp32, unit stride along head_dim.
+  ``_attn_bwd_kernel`` with ``DKDV`` (per key block) keeps its K, V tiles and the dK, dV
+  accumulators in registers and loops over the sequence's query blocks, recomputing
+  ``P = exp2(S - LSE)``; without ``DKDV`` (per query block, its own tiles and warps) it loops over the
+  key blocks for dQ. The two passes share one argument list and their helpers; ``DKDV`` is a
+  constexpr, so each is compiled alone. No atomics: the result is deterministic. Limits as the
+  forward: head_dim <= 128 (padded to a power of two >= 32 with masks), fp16/bf16/fp32, unit stride
+  along head_dim.
 
 Numerics: scores, softmax, D and every accumulator in fp32; fp32 dots with
 ``input_precision="ieee"`` (no TF32); for 16-bit inputs P and dS are rounded to the input dtype for
@@ -81,45 +83,26 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)  # int64 before any stride product
-    seqlen = (tl.load(CuSeqlens + seq + 1).to(tl.int64) - start).to(tl.int32)
+    start, seqlen, head = _tu.varlen_program(CuSeqlens, num_heads)
     if pid_m * BLOCK_M >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < seqlen
-    qmask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + start * stride_q_tok + head * stride_q_head + offs_m[:, None] * stride_q_tok + offs_d[None, :],
-                mask=qmask, other=0.0)  # fmt: skip
+    offs_m, offs_n, offs_d, mask_d, mask_m = _tu.varlen_offsets(pid_m, seqlen, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N)
+    q = _tu.load_tile(Q + start * stride_q_tok + head * stride_q_head, offs_m, stride_q_tok, offs_d, mask_m, mask_d)
     k_base = K + start * stride_k_tok + head * stride_k_head
     v_base = V + start * stride_v_tok + head * stride_v_head
-    # the forward's online softmax (see attention.py): -inf start is safe, the first block has a key
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    m_i, l_i, acc = _tu.online_softmax_init(BLOCK_M, D_PAD)  # the forward's online softmax (attention.py)
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen
-        kvmask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_k_tok + offs_d[None, :], mask=kvmask, other=0.0)
+        k = _tu.load_tile(k_base, cols, stride_k_tok, offs_d, mask_n, mask_d)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_v_tok + offs_d[None, :], mask=kvmask, other=0.0)
+        p, alpha, m_i, l_i = _tu.online_softmax_step(s, mask_n, m_i, l_i)
+        v = _tu.load_tile(v_base, cols, stride_v_tok, offs_d, mask_n, mask_d)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # l_i >= 1 on valid rows; the guard only rules out NaN
     o = acc / l_safe[:, None]
-    do = tl.load(DO + start * stride_do_tok + head * stride_do_head + offs_m[:, None] * stride_do_tok
-                 + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)  # fmt: skip
+    do_base = DO + start * stride_do_tok + head * stride_do_head
+    do = _tu.load_tile(do_base, offs_m, stride_do_tok, offs_d, mask_m, mask_d).to(tl.float32)
     delta = tl.sum(do * o, axis=1)
     lse = m_i + tl.log2(l_safe)
     rows = (start + offs_m) * num_heads + head
@@ -128,122 +111,100 @@ def _attn_bwd_preprocess_kernel(
 
 
 @_tu.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # pointers as in the preprocess kernel
-    LSE,  # pointer to the row log-sum-exp, fp32, shape (N, heads)
-    Delta,  # pointer to D = rowsum(dO * O), fp32, shape (N, heads)
-    DK,  # pointer to the key gradient, shape (N, heads, HEAD_DIM), contiguous
-    DV,  # pointer to the value gradient, shape (N, heads, HEAD_DIM), contiguous
-    CuSeqlens,  # pointer to the sequence offsets, shape (B + 1,)
-    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_do_tok, stride_do_head, stride_d_tok, stride_d_head,
-    num_heads,
-    qk_scale,  # softmax scale * log2(e)
-    sm_scale,  # softmax scale (dK = sm_scale dS^T Q)
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    seqlen = (tl.load(CuSeqlens + seq + 1).to(tl.int64) - start).to(tl.int32)
-    if pid_n * BLOCK_N >= seqlen:
-        return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask_d = offs_d < HEAD_DIM
-    mask_n = offs_n < seqlen
-    kvmask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + start * stride_k_tok + head * stride_k_head + offs_n[:, None] * stride_k_tok + offs_d[None, :],
-                mask=kvmask, other=0.0)  # fmt: skip
-    v = tl.load(V + start * stride_v_tok + head * stride_v_head + offs_n[:, None] * stride_v_tok + offs_d[None, :],
-                mask=kvmask, other=0.0)  # fmt: skip
-    q_base = Q + start * stride_q_tok + head * stride_q_head
-    do_base = DO + start * stride_do_tok + head * stride_do_head
-    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for start_m in range(0, seqlen, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < seqlen
-        qmask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_q_tok + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_do_tok + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + (start + rows) * num_heads + head, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + (start + rows) * num_heads + head, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        # P exactly 0 outside the sequence (rows or keys past its end): nothing masked contributes
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    dk = dk * sm_scale
-    out = start * stride_d_tok + head * stride_d_head + offs_n[:, None] * stride_d_tok + offs_d[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kvmask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
+def _row_stats(LSE, Delta, tok, head, num_heads, mask):
+    """The preprocess kernel's LSE and D of the query rows ``tok`` (absolute token indices) of one head."""
+    lse = tl.load(LSE + tok * num_heads + head, mask=mask, other=0.0)
+    return lse, tl.load(Delta + tok * num_heads + head, mask=mask, other=0.0)
 
 
 @_tu.jit
-def _attn_bwd_dq_kernel(
+def _recompute_p(q, k, lse, mask_m, mask_n, qk_scale, DOT_PRECISION: tl.constexpr):
+    """``P = exp2(S - LSE)`` of a (BLOCK_M query rows, BLOCK_N keys) tile, recomputed in fp32 from the
+    rows' log-sum-exp."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    # P exactly 0 outside the sequence (rows or keys past its end): nothing masked contributes
+    return tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+
+
+@_tu.jit
+def _grad_scores(p, do, v, delta, DOT_PRECISION: tl.constexpr):
+    """``dS = P * (dO V^T - D)`` of the same tile (fp32)."""
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p * (dp - delta[:, None])
+
+
+@_tu.jit
+def _store_tile(Out, acc, start, head, offs, offs_d, stride_tok, stride_head, mask, mask_d):
+    """Stores the fp32 (rows ``offs``, D_PAD) tile ``acc`` of one head in Out's dtype (one rounding)."""
+    ptrs = Out + start * stride_tok + head * stride_head + offs[:, None] * stride_tok + offs_d[None, :]
+    tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=mask[:, None] & mask_d[None, :])
+
+
+@_tu.jit
+def _attn_bwd_kernel(
     Q, K, V, DO,  # pointers as in the preprocess kernel
     LSE,  # pointer to the row log-sum-exp, fp32, shape (N, heads)
     Delta,  # pointer to D = rowsum(dO * O), fp32, shape (N, heads)
-    DQ,  # pointer to the query gradient, shape (N, heads, HEAD_DIM), contiguous
+    DQ,  # pointer to the query gradient, shape (N, heads, HEAD_DIM), contiguous; written iff not DKDV
+    DK,  # pointer to the key gradient, same layout as DQ; written iff DKDV
+    DV,  # pointer to the value gradient, same layout as DQ; written iff DKDV
     CuSeqlens,  # pointer to the sequence offsets, shape (B + 1,)
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_d_tok, stride_d_head,
     num_heads,
     qk_scale,  # softmax scale * log2(e)
-    sm_scale,  # softmax scale (dQ = sm_scale dS K)
+    sm_scale,  # softmax scale (dQ = sm_scale dS K, dK = sm_scale dS^T Q)
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DKDV: tl.constexpr,  # the dK/dV pass (per key block) if set, else the dQ pass (per query block)
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    seq = pid_bh // num_heads
-    head = pid_bh % num_heads
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    seqlen = (tl.load(CuSeqlens + seq + 1).to(tl.int64) - start).to(tl.int32)
-    if pid_m * BLOCK_M >= seqlen:
+    pid = tl.program_id(0)
+    start, seqlen, head = _tu.varlen_program(CuSeqlens, num_heads)
+    if pid * (BLOCK_N if DKDV else BLOCK_M) >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < seqlen
-    qmask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + start * stride_q_tok + head * stride_q_head + offs_m[:, None] * stride_q_tok + offs_d[None, :],
-                mask=qmask, other=0.0)  # fmt: skip
-    do = tl.load(DO + start * stride_do_tok + head * stride_do_head + offs_m[:, None] * stride_do_tok
-                 + offs_d[None, :], mask=qmask, other=0.0)  # fmt: skip
-    lse = tl.load(LSE + (start + offs_m) * num_heads + head, mask=mask_m, other=0.0)
-    delta = tl.load(Delta + (start + offs_m) * num_heads + head, mask=mask_m, other=0.0)
+    q_base = Q + start * stride_q_tok + head * stride_q_head
     k_base = K + start * stride_k_tok + head * stride_k_head
     v_base = V + start * stride_v_tok + head * stride_v_head
-    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen
-        kvmask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_k_tok + offs_d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_v_tok + offs_d[None, :], mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq = dq * sm_scale
-    out = start * stride_d_tok + head * stride_d_head + offs_m[:, None] * stride_d_tok + offs_d[None, :]
-    tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=qmask)
+    do_base = DO + start * stride_do_tok + head * stride_do_head
+    if DKDV:
+        # K, V tiles and the dK, dV accumulators stay in registers; loop over the query blocks
+        offs_n, offs_m, offs_d, mask_d, mask_n = _tu.varlen_offsets(pid, seqlen, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_M)
+        k = _tu.load_tile(k_base, offs_n, stride_k_tok, offs_d, mask_n, mask_d)
+        v = _tu.load_tile(v_base, offs_n, stride_v_tok, offs_d, mask_n, mask_d)
+        dk, dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32), tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        for start_m in range(0, seqlen, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < seqlen
+            q = _tu.load_tile(q_base, rows, stride_q_tok, offs_d, mask_m, mask_d)
+            do = _tu.load_tile(do_base, rows, stride_do_tok, offs_d, mask_m, mask_d)
+            lse, delta = _row_stats(LSE, Delta, start + rows, head, num_heads, mask_m)
+            p = _recompute_p(q, k, lse, mask_m, mask_n, qk_scale, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            ds = _grad_scores(p, do, v, delta, DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dk = dk * sm_scale
+        out = start * stride_d_tok + head * stride_d_head + offs_n[:, None] * stride_d_tok + offs_d[None, :]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    else:
+        # Q, dO, LSE, D of the query block and the dQ accumulator stay in registers; loop over the keys
+        offs_m, offs_n, offs_d, mask_d, mask_m = _tu.varlen_offsets(pid, seqlen, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N)
+        q = _tu.load_tile(q_base, offs_m, stride_q_tok, offs_d, mask_m, mask_d)
+        do = _tu.load_tile(do_base, offs_m, stride_do_tok, offs_d, mask_m, mask_d)
+        lse, delta = _row_stats(LSE, Delta, start + offs_m, head, num_heads, mask_m)
+        dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < seqlen
+            k = _tu.load_tile(k_base, cols, stride_k_tok, offs_d, mask_n, mask_d)
+            v = _tu.load_tile(v_base, cols, stride_v_tok, offs_d, mask_n, mask_d)
+            p = _recompute_p(q, k, lse, mask_m, mask_n, qk_scale, DOT_PRECISION)
+            ds = _grad_scores(p, do, v, delta, DOT_PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        _store_tile(DQ, dq * sm_scale, start, head, offs_m, offs_d, stride_d_tok, stride_d_head, mask_m, mask_d)
 
 
 def _config(d_pad: int, fp32: bool, dkdv: bool = False) -> dict:
@@ -300,14 +261,11 @@ def varlen_attention_bwd_triton(grad, q, k, v, cu_seqlens, max_seqlen, scale, dr
             _attn_bwd_preprocess_kernel[(m_blocks, bh)](
                 q, k, v, grad, lse, delta, c, *strides, heads, qk_scale, **consts, **cfg
             )
-            _attn_bwd_dkdv_kernel[(n_blocks, bh)](
-                q, k, v, grad, lse, delta, dk, dv, c, *strides, dk.stride(0), dk.stride(1), heads, qk_scale,
-                float(scale), **consts, **cfg_kv,
-            )  # fmt: skip
-            _attn_bwd_dq_kernel[(m_blocks, bh)](
-                q, k, v, grad, lse, delta, dq, c, *strides, dq.stride(0), dq.stride(1), heads, qk_scale,
-                float(scale), **consts, **cfg,
-            )  # fmt: skip
+            for grid, dkdv, kcfg in (((n_blocks, bh), True, cfg_kv), ((m_blocks, bh), False, cfg)):
+                _attn_bwd_kernel[grid](
+                    q, k, v, grad, lse, delta, dq, dk, dv, c, *strides, dq.stride(0), dq.stride(1), heads, qk_scale,
+                    float(scale), **consts, DKDV=dkdv, **kcfg,
+                )  # fmt: skip
     return dq, dk, dv
 
 
@@ -329,30 +287,31 @@ def varlen_attention_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, *, b
 def aot_specs() -> list[dict]:
     """Every specialization the backward launcher can choose, for an ahead-of-time compile check
     (same format as :func:`~bert_fast.kernels.attention.aot_specs`): the three kernels per head_dim
-    bucket and precision class."""
+    bucket and precision class (the dK/dV and dQ passes of ``_attn_bwd_kernel`` compile separately)."""
     ptrs = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "LSE": "*fp32", "Delta": "*fp32"}
     strides = {n: "i32" for n in ("stride_q_tok", "stride_q_head", "stride_k_tok", "stride_k_head", "stride_v_tok",
                                   "stride_v_head", "stride_do_tok", "stride_do_head")}  # fmt: skip
     out_strides = {"stride_d_tok": "i32", "stride_d_head": "i32"}
-    sigs = {
-        _attn_bwd_preprocess_kernel: {**ptrs, "CuSeqlens": "*i32", **strides, "num_heads": "i32", "qk_scale": "fp32"},
-        _attn_bwd_dkdv_kernel: {**ptrs, "DK": "*{dt}", "DV": "*{dt}", "CuSeqlens": "*i32", **strides, **out_strides,
-                                "num_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32"},
-        _attn_bwd_dq_kernel: {**ptrs, "DQ": "*{dt}", "CuSeqlens": "*i32", **strides, **out_strides,
-                              "num_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32"},
-    }  # fmt: skip
+    bwd_sig = {**ptrs, "DQ": "*{dt}", "DK": "*{dt}", "DV": "*{dt}", "CuSeqlens": "*i32", **strides, **out_strides,
+               "num_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+    passes = [  # (kernel, signature, extra constexprs, label)
+        (_attn_bwd_preprocess_kernel, {**ptrs, "CuSeqlens": "*i32", **strides, "num_heads": "i32", "qk_scale": "fp32"},
+         {}, "_attn_bwd_preprocess_kernel"),
+        (_attn_bwd_kernel, bwd_sig, {"DKDV": True}, "_attn_bwd_kernel[dkdv]"),
+        (_attn_bwd_kernel, bwd_sig, {"DKDV": False}, "_attn_bwd_kernel[dq]"),
+    ]  # fmt: skip
     specs = []
     for head_dim in (26, 32, 64, 80, 128):
         d_pad = max(32, _tu.next_power_of_2(head_dim))
         for fp32 in (False, True):
-            for kernel, sig in sigs.items():
-                cfg = dict(_config(d_pad, fp32, dkdv=kernel is _attn_bwd_dkdv_kernel))
+            for kernel, sig, extra, name in passes:
+                cfg = dict(_config(d_pad, fp32, dkdv=extra.get("DKDV", False)))
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 specs.append({
-                    "label": f"{kernel.__name__} d={head_dim} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w={warps}",
+                    "label": f"{name} d={head_dim} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w={warps}",
                     "kernel": kernel, "signature": sig,
                     "constexprs": {"HEAD_DIM": head_dim, "D_PAD": d_pad, "DOT_PRECISION": "ieee" if fp32 else "tf32",
-                                   **cfg},
+                                   **cfg, **extra},
                     "num_warps": warps, "num_stages": stages, "dtypes": ("fp32",) if fp32 else ("fp16", "bf16"),
                 })  # fmt: skip
     return specs

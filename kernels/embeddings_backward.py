@@ -97,10 +97,7 @@ def _embed_layer_norm_bwd_kernel(
     ATOMIC: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    pid, cols, mask, w = _tu.row_program(W, n_cols, BLOCK_H)
     dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
     db = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for i in range(0, rows_per_program):
@@ -127,13 +124,9 @@ def _embed_layer_norm_bwd_kernel(
         mean_s = tl.sum(hs, axis=0) / n_cols
         diff = tl.where(rmask, hs - mean_s, 0.0)
         rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / n_cols + eps)  # eps as given
-        xhat = diff * rstd
         # rows past the end: dy = 0, so dh = 0 and they add exactly 0 to the column sums
         dy = tl.load(G + r * stride_g_row + cols, mask=rmask, other=0.0).to(tl.float32)
-        g = dy * w
-        mg = tl.sum(g, axis=0) / n_cols
-        mgx = tl.sum(g * xhat, axis=0) / n_cols
-        dh = tl.where(rmask, rstd * (g - mg - xhat * mgx), 0.0)
+        xhat, dh = _tu.layer_norm_row_bwd(dy, w, diff, rstd, rmask, n_cols)
         tl.store(DH + row * n_cols + cols, dh, mask=rmask)
         dw += dy * xhat
         db += dy

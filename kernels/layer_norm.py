@@ -226,10 +226,7 @@ def _bias_residual_layer_norm_bwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    pid, cols, mask, w = _tu.row_program(W, n_cols, BLOCK_H)
     if HAS_LINEAR_BIAS:
         lb = tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -248,12 +245,8 @@ def _bias_residual_layer_norm_bwd_kernel(
         mean = tl.sum(h, axis=0) / n_cols
         diff = tl.where(mask, h - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / n_cols + eps)
-        xhat = diff * rstd
         dy = tl.load(G + row * stride_g_row + cols, mask=rmask, other=0.0).to(tl.float32)
-        g = dy * w
-        mg = tl.sum(g, axis=0) / n_cols
-        mgx = tl.sum(g * xhat, axis=0) / n_cols
-        dh = tl.where(rmask, rstd * (g - mg - xhat * mgx), 0.0)
+        xhat, dh = _tu.layer_norm_row_bwd(dy, w, diff, rstd, rmask, n_cols)
         tl.store(DX + row * stride_dx_row + cols, dh.to(DX.dtype.element_ty), mask=rmask)
         dw += dy * xhat
         db += dy

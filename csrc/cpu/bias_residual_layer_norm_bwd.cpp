@@ -15,6 +15,7 @@
 
 #include "../contracts.h"
 #include "../ops.h"
+#include "layer_norm_row.h"
 #include "vec.h"
 
 namespace bert_fast {
@@ -78,21 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_n
             }
             const float rstd = 1.f / std::sqrt(hsum(acc2) / static_cast<float>(H) + feps);
             const Vec vrstd(rstd);
-            // pass 2: xhat into hbuf; sums of g = dy w and of g xhat; column sums of dy xhat and dy
-            Vec sg(0.f), sgx(0.f);
-            for (int64_t j = 0; j < H; j += kVec) {
-              const int64_t n = std::min(kVec, H - j);
-              const Vec xhat = (load_f(hbuf.data() + j, n) - vmean) * vrstd;
-              const Vec dy = load_f(gbuf.data() + j, n);
-              Vec g = dy * load_f(wp + j, n);
-              if (n < kVec) g = Vec::set(Vec(0.f), g, n);
-              sg = sg + g;
-              sgx = at::vec::fmadd(g, xhat, sgx);
-              store_f(hbuf.data() + j, xhat, n);
-              store_f(dw + j, at::vec::fmadd(dy, xhat, load_f(dw + j, n)), n);
-              store_f(db + j, load_f(db + j, n) + dy, n);
-            }
-            const Vec mg(hsum(sg) / static_cast<float>(H)), mgx(hsum(sgx) / static_cast<float>(H));
+            // pass 2: xhat into hbuf; means of g = dy w and of g xhat; column sums of dy xhat and dy
+            Vec mg, mgx;
+            ln_bwd_row_sums(
+                H, [&](int64_t j, int64_t n) { return (load_f(hbuf.data() + j, n) - vmean) * vrstd; },
+                [&](int64_t j, int64_t n) { return load_f(gbuf.data() + j, n); }, wp, hbuf.data(), dw, db, mg, mgx);
             // pass 3: dh = rstd (g - mean(g) - xhat mean(g xhat)); its column sum is dlinear_bias
             for (int64_t j = 0; j < H; j += kVec) {
               const int64_t n = std::min(kVec, H - j);

@@ -27,6 +27,7 @@
 
 #include "../contracts.h"
 #include "../ops.h"
+#include "layer_norm_row.h"
 #include "vec.h"
 
 namespace bert_fast {
@@ -111,20 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               acc2 = at::vec::fmadd(dv, dv, acc2);
             }
             const Vec vrstd(1.f / std::sqrt(hsum(acc2) / static_cast<float>(H) + feps));  // eps as given
-            // xhat into hbuf; sums of g = dy w and g xhat; column sums of dy xhat and dy
-            Vec sg(0.f), sgx(0.f);
-            for (int64_t j = 0; j < H; j += kVec) {
-              const int64_t n = std::min(kVec, H - j);
-              const Vec xhat = ((load_f(hbuf.data() + j, n) - vshift) - vmean) * vrstd;
-              const Vec dy = load_f(gp + t * ldg + j, n);  // tail lanes load 0
-              const Vec g = dy * load_f(wp + j, n);
-              sg = sg + g;
-              sgx = at::vec::fmadd(g, xhat, sgx);
-              store_f(hbuf.data() + j, xhat, n);
-              store_f(dw + j, at::vec::fmadd(dy, xhat, load_f(dw + j, n)), n);
-              store_f(db + j, load_f(db + j, n) + dy, n);
-            }
-            const Vec mg(hsum(sg) / static_cast<float>(H)), mgx(hsum(sgx) / static_cast<float>(H));
+            // xhat into hbuf; means of g = dy w and g xhat; column sums of dy xhat and dy
+            Vec mg, mgx;
+            ln_bwd_row_sums(
+                H, [&](int64_t j, int64_t n) { return ((load_f(hbuf.data() + j, n) - vshift) - vmean) * vrstd; },
+                [&](int64_t j, int64_t n) { return load_f(gp + t * ldg + j, n); },  // tail lanes load 0
+                wp, hbuf.data(), dw, db, mg, mgx);
             float* out = dhp + t * H;
             for (int64_t j = 0; j < H; j += kVec) {
               const int64_t n = std::min(kVec, H - j);

@@ -88,4 +88,30 @@ inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const fl
   }
 }
 
+// LayerNorm backward, the middle pass over one row (shared by bias_residual_layer_norm_bwd and
+// embed_layer_norm_bwd): for each kVec chunk at column j (n of them valid), xhat_at(j, n) and
+// dy_at(j, n) give the normalized row and the output gradient (fp32, tail lanes 0); xhat is stored
+// into xbuf, dy xhat and dy are added to the column sums dw and db, and the row means of
+// g = dy w and of g xhat are returned in mg and mgx (dh = rstd (g - mg - xhat mgx) is the caller's
+// last pass).
+template <typename XhatAt, typename DyAt>
+inline void ln_bwd_row_sums(int64_t H, XhatAt xhat_at, DyAt dy_at, const float* w, float* xbuf, float* dw,
+                            float* db, Vec& mg, Vec& mgx) {
+  Vec sg(0.f), sgx(0.f);
+  for (int64_t j = 0; j < H; j += kVec) {
+    const int64_t n = std::min(kVec, H - j);
+    const Vec xhat = xhat_at(j, n);
+    const Vec dy = dy_at(j, n);
+    Vec g = dy * load_f(w + j, n);
+    if (n < kVec) g = Vec::set(Vec(0.f), g, n);
+    sg = sg + g;
+    sgx = at::vec::fmadd(g, xhat, sgx);
+    store_f(xbuf + j, xhat, n);
+    store_f(dw + j, at::vec::fmadd(dy, xhat, load_f(dw + j, n)), n);
+    store_f(db + j, load_f(db + j, n) + dy, n);
+  }
+  mg = Vec(hsum(sg) / static_cast<float>(H));
+  mgx = Vec(hsum(sgx) / static_cast<float>(H));
+}
+
 }  // namespace bert_fast
