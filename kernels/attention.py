@@ -202,16 +202,35 @@ def _varlen_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    start, seqlen, head = _tu.varlen_program(CuSeqlens, num_heads)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    seq = pid_bh // num_heads
+    head = pid_bh % num_heads
+    # int64 sequence start before any stride product (N * 3 * hidden may exceed 2^31); offsets
+    # within a sequence stay int32 (the launcher checks max_seqlen * stride < 2^31).
+    start = tl.load(CuSeqlens + seq).to(tl.int64)
+    seqlen = (tl.load(CuSeqlens + seq + 1).to(tl.int64) - start).to(tl.int32)
     if pid_m * BLOCK_M >= seqlen:  # this query block lies past the sequence (or it is empty)
         return
 
-    offs_m, offs_n, offs_d, mask_d, mask_m = _tu.varlen_offsets(pid_m, seqlen, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < seqlen
+    q_base = Q + start * stride_q_tok + head * stride_q_head
     k_base = K + start * stride_k_tok + head * stride_k_head
     v_base = V + start * stride_v_tok + head * stride_v_head
-    q = _tu.load_tile(Q + start * stride_q_tok + head * stride_q_head, offs_m, stride_q_tok, offs_d, mask_m, mask_d)
+    # Padded head_dim lanes and rows past the sequence load 0: they add 0 to every dot product.
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_q_tok + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+    )
 
-    m_i, l_i, acc = _tu.online_softmax_init(BLOCK_M, D_PAD)  # -inf, 0, 0 (see there why -inf is safe)
+    # Running max starts at -inf (not finfo.min): the first key block always holds a valid key
+    # (the loop only visits blocks that start inside the sequence), so m_new is finite after the
+    # first step, alpha = exp2(-inf - finite) = 0 exactly, and no inf - inf ever occurs.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, seqlen, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen
@@ -223,12 +242,19 @@ def _varlen_attention_fwd_kernel(
         # rounding of q in half precision).
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         # Keys past the sequence get -inf, i.e. probability exactly 0.
-        p, alpha, m_i, l_i = _tu.online_softmax_step(s, mask_n, m_i, l_i)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         # Masked value rows must load 0, not garbage: p = 0 there, but 0 * NaN would be NaN.
-        v = _tu.load_tile(v_base, cols, stride_v_tok, offs_d, mask_n, mask_d)
+        v = tl.load(
+            v_base + cols[:, None] * stride_v_tok + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+        )
         # P is rounded to the input dtype for the tensor-core PV product (as FlashAttention does);
         # a no-op for fp32. Accumulation stays fp32.
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     # l_i >= 1 for every valid row (its max term is exp2(0)); the guard only keeps the divide
     # finite in principle, so no NaN can ever be produced.
