@@ -156,7 +156,7 @@ def derived(owner: torch.nn.Module, name: str, tensors, build: Callable[[], Any]
 
 def fused_qkv_of(owner: torch.nn.Module, tensors: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_qkv` from the tensors ``(w_q, w_k, w_v, b_q, b_k, b_v)`` themselves."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.cat(tensors[:3]), torch.cat(tensors[3:])
     return derived(owner, "qkv", tensors, lambda: (torch.cat(tensors[:3]), torch.cat(tensors[3:])))
 
