@@ -40,6 +40,7 @@ from .kernels.attention import OP as ATTENTION
 from .kernels.embeddings import OP as EMBED
 from .kernels.layer_norm import OP as LAYER_NORM
 from .kernels.linear import OP as LINEAR
+from .kernels.linear import sgemm_pack_weight
 from .kernels.padding import GATHER_ROWS, SCATTER_ROWS, UNPAD_MASK
 
 _lock = threading.RLock()
@@ -169,9 +170,26 @@ def fused_qkv(self_attn: torch.nn.Module, q=None, k=None, v=None) -> tuple[torch
     return fused_qkv_of(self_attn, (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias))
 
 
+class _Packer:
+    """``weight`` prepacked for oneDNN (``p()``) and packed for our SGEMM (``p.sgemm()``), each built on
+    its first call and cached for ``owner`` (two derived entries; only the one the GEMM uses is built)."""
+
+    __slots__ = ("owner", "weight")
+
+    def __init__(self, owner: torch.nn.Module, weight: torch.Tensor) -> None:
+        self.owner, self.weight = owner, weight
+
+    def __call__(self) -> torch.Tensor:
+        return derived(self.owner, "packed", (self.weight,), lambda: K.prepack_weight(self.weight))
+
+    def sgemm(self) -> torch.Tensor:
+        return derived(self.owner, "sgemm_packed", (self.weight,), lambda: sgemm_pack_weight(self.weight))
+
+
 def packer(owner: torch.nn.Module, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A callable giving ``weight`` prepacked for oneDNN, built on its first call and cached for ``owner``."""
-    return lambda: derived(owner, "packed", (weight,), lambda: K.prepack_weight(weight))
+    """A callable giving ``weight`` prepacked for oneDNN, built on its first call and cached for ``owner``;
+    its ``sgemm()`` gives ``weight`` packed for our fp32 SGEMM (``bert_fast.kernels.linear``), likewise."""
+    return _Packer(owner, weight)
 
 
 #: The op of each slot of :class:`Plan`, (the order of :func:`_select`'s ``backends``).

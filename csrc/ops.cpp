@@ -44,6 +44,11 @@ TORCH_LIBRARY(bert_fast, m) {
   m.def(
       "varlen_attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
       "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Small-batch fp32 GEMM on packed weights (CPU only; registered below, outside the two-device list).
+  // sgemm_available takes no tensor, so it has one kernel for every dispatch key.
+  m.def("sgemm_available() -> bool", &sgemm_available_cpu);
+  m.def("sgemm_pack(Tensor weight) -> Tensor");
+  m.def("sgemm_packed_linear(Tensor x, Tensor packed, int n, int k, Tensor? bias=None) -> Tensor");
 }
 
 // Every op, registered with its <op>_<device> implementation (ops.h): one list for both devices, so
@@ -65,6 +70,8 @@ TORCH_LIBRARY_IMPL(bert_fast, CPU, m) {
   m.impl("bias_residual_layer_norm_bwd", &bias_residual_layer_norm_bwd_cpu);
   m.impl("embed_layer_norm_bwd", &embed_layer_norm_bwd_cpu);
   m.impl("varlen_attention_bwd", &varlen_attention_bwd_cpu);
+  m.impl("sgemm_pack", &sgemm_pack_cpu);
+  m.impl("sgemm_packed_linear", &sgemm_packed_linear_cpu);
 }
 
 #ifdef WITH_CUDA

@@ -46,6 +46,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at
                                                                         const at::Tensor& cu_seqlens,
                                                                         int64_t max_seqlen, double scale);
 
+// Small-batch fp32 GEMM on weights packed into 16-column panels (CPU only, AVX2 + FMA chosen at run
+// time; csrc/cpu/sgemm_avx2.cpp).
+bool sgemm_available_cpu();
+at::Tensor sgemm_pack_cpu(const at::Tensor& weight);
+at::Tensor sgemm_packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k,
+                                   const std::optional<at::Tensor>& bias);
+
 BERT_FAST_DECLARE_OPS(cpu)
 #ifdef WITH_CUDA
 BERT_FAST_DECLARE_OPS(cuda)

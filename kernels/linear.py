@@ -1,17 +1,22 @@
 """``linear(x, weight, bias)`` = ``x @ weight.T + bias``: the GEMMs of the model, one entry point.
 
-The GEMM itself is never ours: cuBLAS on the GPU, oneDNN / MKL on the CPU. What the ``cpp``
-backend adds on the CPU is the way a half-precision GEMM is spread over threads (see
-``csrc/linear.cpp``: one single-threaded oneDNN GEMM per block of rows, which beat oneDNN's own
-2-thread split of BERT's shapes on AMX machines). fp32, small batches and everything under
-autograd run ``torch.nn.functional.linear`` unchanged.
+The GEMM is cuBLAS's on the GPU and oneDNN / MKL's on the CPU, with one exception: small fp32
+batches on a CPU with AVX2 + FMA run our SGEMM on weights packed once into 16-column panels
+(``csrc/cpu/sgemm_avx2.cpp``; 1.4-1.6x oneDNN's prepacked GEMM at 16 rows, see
+:data:`SGEMM_MAX_ROWS`). What else the ``cpp`` backend adds on the CPU is the way a half-precision
+GEMM is spread over threads (see ``csrc/linear.cpp``: one single-threaded oneDNN GEMM per block of
+rows, which beat oneDNN's own 2-thread split of BERT's shapes on AMX machines). Everything under
+autograd runs ``torch.nn.functional.linear`` unchanged.
 
 What each backend runs (declared in :data:`OP`, never substituted silently):
 
 * ``torch`` -> :func:`linear_ref` (``F.linear``).
 * ``triton`` -> :func:`linear_ref` as well: there is no Triton GEMM of ours; on the GPU the GEMM is
   cuBLAS's, which is the right engine (under the interpreter, on CPU, it is oneDNN/MKL's).
-* ``cpp`` on CPU -> prepacked oneDNN weights for small batches, else ``torch.ops.bert_fast.linear``
+* ``cpp`` on CPU -> for fp32 up to :data:`SGEMM_MAX_ROWS` rows, our SGEMM on weights packed into
+  16-column panels (``torch.ops.bert_fast.sgemm_packed_linear``, AVX2 + FMA, chosen at run time; when
+  the caller's ``packed`` offers ``packed.sgemm()``); else prepacked oneDNN weights for small batches,
+  else ``torch.ops.bert_fast.linear``
   (the row split for half precision); on CUDA -> ``torch.ops.bert_fast.linear`` when the extension
   registers a CUDA kernel for it, else cuBLAS through :func:`linear_ref`.
 * Under autograd every backend runs :func:`linear_ref` (differentiable as is).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -48,6 +54,15 @@ PACKED_MAX_ROWS = 256
 #: by ~0.5 MB per new token count (benchmarks/soak.py). With the rounding, at most
 #: ``2 * PACKED_ROW_BUCKET`` row counts (here 32) per weight shape ever reach oneDNN.
 PACKED_ROW_BUCKET = 16
+
+
+#: At most this many rows, fp32 GEMMs run our SGEMM on packed weights (csrc/cpu/sgemm_avx2.cpp) where
+#: this CPU has AVX2 + FMA, instead of the oneDNN-prepacked GEMM. Measured (benchmarks/small_gemm.py,
+#: AMD EPYC with AVX2, 1 thread, BERT-base's four shapes, median of 15, side by side): faster than
+#: oneDNN prepacked at every M measured, 1.32-1.83x at M = 1, 1.41-1.59x at 16, 1.10-1.19x at 64,
+#: 1.02-1.04x at 256 (GFLOP/s at 256: ours 36.9-39.1, oneDNN 35.3-37.6); no cross-over up to 256, so
+#: the limit is oneDNN's small-batch limit. No row bucketing needed: the op keeps no per-shape state.
+SGEMM_MAX_ROWS = 256
 
 
 def _packed_rows(rows: int) -> int:
@@ -109,6 +124,42 @@ def _mkldnn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     return ok
 
 
+@functools.cache
+def _sgemm_available() -> bool:
+    """Our packed-weight SGEMM runs on this CPU (AVX2 + FMA, asked of the extension at run time) and is
+    not switched off (``BERT_FAST_SGEMM=0``); decided once, logged once at DEBUG."""
+    if os.environ.get("BERT_FAST_SGEMM", "1").strip() == "0":
+        ok, why = False, "switched off by BERT_FAST_SGEMM=0"
+    elif not hasattr(torch.ops.bert_fast, "sgemm_available"):
+        ok, why = False, "the extension predates it"
+    else:
+        ok = bool(torch.ops.bert_fast.sgemm_available())
+        why = "AVX2 + FMA" if ok else "no AVX2 + FMA on this CPU"
+    log.debug(
+        "linear float32 on CPU: packed-weight SGEMM up to %d rows %s (%s)",
+        SGEMM_MAX_ROWS,
+        "used" if ok else "not used",
+        why,
+    )
+    return ok
+
+
+def sgemm_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (N, K) fp32 packed into 16-column panels for ``torch.ops.bert_fast.sgemm_packed_linear``
+    (a flat fp32 tensor of ``ceil(N / 16) * 16 * K`` values; the caller caches it)."""
+    return torch.ops.bert_fast.sgemm_pack(weight)
+
+
+def _sgemm_pack_fake(weight):
+    """Fake (meta) implementation of ``bert_fast::sgemm_pack``."""
+    return weight.new_empty((-(-weight.shape[0] // 16) * 16 * weight.shape[1],))
+
+
+def _sgemm_packed_linear_fake(x, packed, n, k, bias=None):
+    """Fake (meta) implementation of ``bert_fast::sgemm_packed_linear``."""
+    return x.new_empty((*x.shape[:-1], n))
+
+
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` reordered once into oneDNN's blocked layout (an opaque tensor for :func:`linear`).
 
@@ -131,6 +182,16 @@ def _linear_cpu(
         # Traced: the compiler's own GEMM (Inductor picks or prepacks it, e.g. with freezing); an opaque
         # oneDNN-prepacked weight and the run-time probe have no place inside a graph.
         return F.linear(x, weight, bias)
+    sgemm = getattr(packed, "sgemm", None)
+    if (
+        sgemm is not None
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] <= SGEMM_MAX_ROWS
+        and _sgemm_available()
+    ):
+        return torch.ops.bert_fast.sgemm_packed_linear(x, sgemm(), weight.shape[0], weight.shape[1], bias)
     if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and _mkldnn_linear_available(x.dtype):
         rows = x.shape[0]
         padded = _packed_rows(rows)
@@ -165,7 +226,9 @@ def linear(
     packed: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias``. ``packed``: returns :func:`prepack_weight` of ``weight`` (cached by
-    the caller); called only when the small-batch prepacked path is taken."""
+    the caller); called only when the small-batch prepacked path is taken. Where ``packed`` also has a
+    method ``sgemm()`` returning :func:`sgemm_pack_weight` of ``weight`` (cached by the caller, as
+    ``bert_fast``'s model does), fp32 batches up to :data:`SGEMM_MAX_ROWS` rows use our SGEMM."""
     if x.shape[-1] != weight.shape[-1] or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError(
             f"linear: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
@@ -175,6 +238,8 @@ def linear(
 
 
 _dispatch.register_cpp_fake("linear", _linear_fake)
+_dispatch.register_cpp_fake("sgemm_pack", _sgemm_pack_fake)
+_dispatch.register_cpp_fake("sgemm_packed_linear", _sgemm_packed_linear_fake)
 
 OP = _dispatch.Op(
     "linear",
