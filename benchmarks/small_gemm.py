@@ -12,7 +12,10 @@ Each engine is timed call by call, the engines interleaved round by round (so th
 machine's load hits all of them alike), and the median of ``--repeats`` calls (after 3 warm-up calls)
 is reported with its GFLOP/s (2 M N K / time). The CPU model and its AVX2 / AVX-512 flags are recorded.
 
-Usage: ``python benchmarks/small_gemm.py [--threads 1,2] [--rows 1,8,16,32,64,128,256] [--out FILE.json]``
+``--forward`` also times a BERT-base forward at batch 1 x 16 tokens (fp32, ``cpp`` backend, random
+weights) with our SGEMM and with it switched off (the oneDNN-prepacked path), interleaved.
+
+Usage: ``python benchmarks/small_gemm.py [--threads 1,2] [--rows 1,8,16,32,64,128,256] [--forward] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -120,12 +123,48 @@ def _check(fns: dict, x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         return {name: float((torch.as_tensor(fn(x)) - ref).abs().max()) for name, fn in fns.items()}
 
 
+def _forward(threads: int, repeats: int, tokens: int = 16) -> dict[str, float]:
+    """Median ms of a BERT-base forward (random weights, batch 1 x ``tokens``, fp32, ``cpp`` backend,
+    inference) with our SGEMM and with it switched off (oneDNN prepacked), interleaved forward by forward."""
+    import importlib
+
+    import transformers
+
+    import bert_fast
+
+    lin = importlib.import_module("bert_fast.kernels.linear")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig()
+    model = bert_fast.optimize(bert_fast.BertModel(cfg).eval(), backend="cpp")
+    ids, mask = torch.randint(0, cfg.vocab_size, (1, tokens)), torch.ones(1, tokens, dtype=torch.long)
+    ours = lin._sgemm_available
+    variants = {"ours": ours, "onednn_packed": lambda: False}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                for avail in variants.values():
+                    lin._sgemm_available = avail
+                    model(input_ids=ids, attention_mask=mask)
+            for _ in range(repeats):
+                for name, avail in variants.items():
+                    lin._sgemm_available = avail
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, attention_mask=mask)
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        lin._sgemm_available = ours
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--rows", default="1,8,16,32,64,128,256", help="comma-separated row counts M")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,... (BERT-base's)")
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per engine (median reported)")
+    ap.add_argument("--forward", action="store_true", help="also time a BERT-base 1 x 16 forward, SGEMM on / off")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     threads_list = [int(t) for t in args.threads.split(",")]
@@ -161,11 +200,22 @@ def main(argv: list[str] | None = None) -> int:
                 row["speedup_vs_onednn_packed"] = ratio
                 print(f"{k:>5} x{n:>5} {m:>4} " + " ".join(cells) + (f"  {ratio:.2f}x" if ratio else ""))
                 results.append(row)
+    forward = {}
+    if args.forward and "ours" in notes_all and not notes_all["ours"].startswith("unavailable"):
+        for threads in threads_list:
+            med = _forward(threads, args.repeats)
+            forward[str(threads)] = med
+            print(
+                f"BERT-base forward, 1 x 16 tokens, fp32, {threads} thread(s), median of {args.repeats}: ours "
+                f"{med['ours']:.1f} ms, oneDNN prepacked {med['onednn_packed']:.1f} ms, "
+                f"{med['onednn_packed'] / med['ours']:.2f}x"
+            )
     for e in ENGINES:
         print(f"{e}: {notes_all.get(e, 'unavailable')}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"info": info, "engines": notes_all, "repeats": args.repeats, "results": results}, f, indent=1)
+            doc = {"argv": sys.argv[1:] if argv is None else argv, "info": info, "engines": notes_all}
+            json.dump({**doc, "repeats": args.repeats, "results": results, "forward_ms": forward}, f, indent=1)
         print(f"wrote {args.out}")
     return 0
 

@@ -2,7 +2,7 @@
 
 The GEMM is cuBLAS's on the GPU and oneDNN / MKL's on the CPU, with one exception: small fp32
 batches on a CPU with AVX2 + FMA run our SGEMM on weights packed once into 16-column panels
-(``csrc/cpu/sgemm_avx2.cpp``; 1.4-1.6x oneDNN's prepacked GEMM at 16 rows, see
+(``csrc/cpu/sgemm_avx2.cpp``; 1.4-1.5x oneDNN's prepacked GEMM at 16 rows, see
 :data:`SGEMM_MAX_ROWS`). What else the ``cpp`` backend adds on the CPU is the way a half-precision
 GEMM is spread over threads (see ``csrc/linear.cpp``: one single-threaded oneDNN GEMM per block of
 rows, which beat oneDNN's own 2-thread split of BERT's shapes on AMX machines). Everything under
@@ -59,8 +59,8 @@ PACKED_ROW_BUCKET = 16
 #: At most this many rows, fp32 GEMMs run our SGEMM on packed weights (csrc/cpu/sgemm_avx2.cpp) where
 #: this CPU has AVX2 + FMA, instead of the oneDNN-prepacked GEMM. Measured (benchmarks/small_gemm.py,
 #: AMD EPYC with AVX2, 1 thread, BERT-base's four shapes, median of 15, side by side): faster than
-#: oneDNN prepacked at every M measured, 1.32-1.83x at M = 1, 1.41-1.59x at 16, 1.10-1.19x at 64,
-#: 1.02-1.04x at 256 (GFLOP/s at 256: ours 36.9-39.1, oneDNN 35.3-37.6); no cross-over up to 256, so
+#: oneDNN prepacked at every M measured, 1.26-1.56x at M = 1, 1.37-1.51x at 16, 1.10-1.14x at 64,
+#: 1.02-1.05x at 256 (GFLOP/s at 256: ours 36.5-37.3, oneDNN 35.5-36.4); no cross-over up to 256, so
 #: the limit is oneDNN's small-batch limit. No row bucketing needed: the op keeps no per-shape state.
 SGEMM_MAX_ROWS = 256
 
