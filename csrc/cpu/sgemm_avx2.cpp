@@ -164,8 +164,11 @@ void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t) {
 
 bool sgemm_available_cpu() {
 #ifdef BERT_FAST_SGEMM_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool available = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return available;
 #else
   return false;
 #endif
