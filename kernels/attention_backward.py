@@ -47,15 +47,15 @@ _MAX_GRID_Y = 65535
 _LOG2E = 1.4426950408889634
 
 
-def _bwd_cpp(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
-    assert dropout_p == 0.0
-    return torch.ops.bert_fast.varlen_attention_bwd(grad, q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+def _bwd_cpp(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    op = torch.ops.bert_fast.varlen_attention_bwd
+    return op(grad, q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed or 0)
 
 
 _bwd_cpp.available = lambda: hasattr(torch.ops.bert_fast, "varlen_attention_bwd")  # type: ignore[attr-defined]
 
 
-def varlen_attention_bwd_fake(grad, q, k, v, cu_seqlens, max_seqlen, scale):
+def varlen_attention_bwd_fake(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=0):
     """Fake (meta) implementation of ``bert_fast::varlen_attention_bwd``."""
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
@@ -231,7 +231,7 @@ def _config(d_pad: int, fp32: bool, dkdv: bool = False) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
-def varlen_attention_bwd_triton(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+def varlen_attention_bwd_triton(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     """Triton backward of :func:`varlen_attention` (no dropout): ``(dq, dk, dv)``, contiguous, q's dtype."""
     assert dropout_p == 0.0 and q.shape[-1] <= 128
     total, heads, head_dim = q.shape
@@ -276,12 +276,15 @@ _dispatch.register_cpp_fake("varlen_attention_bwd", varlen_attention_bwd_fake)
 BACKWARD = {"triton": varlen_attention_bwd_triton, "cpp": {"cpu": _bwd_cpp, "cuda": varlen_attention_bwd_triton}}
 
 
-def varlen_attention_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, *, backend: str) -> tuple:
-    """Gradients ``(dq, dk, dv)`` of :func:`varlen_attention` (no dropout) by ``backend``'s kernel."""
+def varlen_attention_backward(
+    grad, q, k, v, cu_seqlens, max_seqlen, scale, *, backend: str, dropout_p: float = 0.0, seed: int | None = None
+) -> tuple:
+    """Gradients ``(dq, dk, dv)`` of :func:`varlen_attention` by ``backend``'s kernel (dropout: the C++
+    kernel only, the forward's ``seed``)."""
     impl = BACKWARD[backend]
     if isinstance(impl, dict):
         impl = impl[q.device.type]
-    return impl(grad.contiguous(), q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+    return impl(grad.contiguous(), q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)
 
 
 def aot_specs() -> list[dict]:

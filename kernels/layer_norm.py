@@ -26,6 +26,15 @@ statistics from the saved inputs and writes ``dh = rstd (g - mean(g) - xhat mean
 ``g = dy * weight`` (which is dx and d-residual); dweight, dbias and d-linear-bias are fp32 partial
 column sums per block of rows, reduced afterwards (deterministic). The C++ backend on CUDA has no
 backward kernel and uses the reference backward.
+
+Dropout (training): ``dropout_p > 0`` computes HF's ``LayerNorm(dropout(x + linear_bias) + residual)``
+with the mask drawn from ``seed`` (:mod:`~bert_fast.kernels._dropout`: counter-based, stream 0, index
+``row * H + column``). The C++ kernels (``bert_fast::bias_residual_layer_norm_dropout`` and the
+backward op) generate the mask per row in registers-sized chunks and regenerate it in the backward:
+no mask tensor is written or stored (HF keeps a one-byte mask per element for backward), and the
+separate dropout pass over the activation disappears. The reference applies the same mask (the
+oracle); with ``seed=None`` it uses ``torch.nn.functional.dropout`` instead (the model's path where
+no fused kernel serves). The Triton kernels have no dropout: such calls resolve to another backend.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from . import _dispatch, _dropout
 from . import _triton_utils as _tu
 from ._triton_utils import tl, triton
 
@@ -45,17 +54,26 @@ def bias_residual_layer_norm_ref(
     eps: float,
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch, HF's exact order of operations: ``LN((x + linear_bias) + residual)``.
+    """Plain PyTorch, HF's exact order of operations: ``LN(dropout(x + linear_bias) + residual)``.
 
     ``upcast=True`` computes in fp32 and casts the result back to ``x.dtype`` (the oracle for
-    half-precision comparisons).
+    half-precision comparisons). Dropout: see the module docstring.
     """
     dtype = x.dtype
     h = x.float() if upcast else x
     if linear_bias is not None:
         h = h + (linear_bias.float() if upcast else linear_bias)
+    if dropout_p > 0:
+        if seed is None:
+            h = F.dropout(h, dropout_p)
+        else:
+            rows = h.numel() // max(1, h.shape[-1])
+            mult = _dropout.rows_multiplier(seed, dropout_p, rows, h.shape[-1], h.device, h.dtype)
+            h = h * mult.view(h.shape)
     if residual is not None:
         h = h + (residual.float() if upcast else residual)
     w, b = (weight.float(), bias.float()) if upcast else (weight, bias)
@@ -76,9 +94,20 @@ def _check(x, weight, bias, linear_bias, residual) -> None:
             raise ValueError(f"bias_residual_layer_norm: {name} is on {t.device}, x on {x.device}")
 
 
-def _triton_support(x, weight, bias, eps, linear_bias, residual) -> str | None:
+def _triton_support(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
+    if dropout_p > 0:
+        return "dropout is not fused in the Triton kernel"
     return _tu.unsupported_rows(x.shape[-1], x, weight, bias, linear_bias, residual)
+
+
+def _cpp_support(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None) -> str | None:
+    if dropout_p > 0:
+        if x.device.type != "cpu":
+            return "dropout is fused in the CPU kernel only"
+        if seed is None:
+            return "fused dropout needs a seed"
+    return _dispatch.fused_dtypes(x, weight, bias, linear_bias, residual)
 
 
 def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, residual=None):
@@ -86,7 +115,10 @@ def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, resid
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _bias_residual_layer_norm_cpp(x, weight, bias, eps, linear_bias, residual):
+def _bias_residual_layer_norm_cpp(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
+    if dropout_p > 0:
+        op = torch.ops.bert_fast.bias_residual_layer_norm_dropout
+        return op(x, weight, bias, eps, linear_bias, residual, dropout_p, seed)
     return torch.ops.bert_fast.bias_residual_layer_norm(x, weight, bias, eps, linear_bias, residual)
 
 
@@ -98,11 +130,21 @@ def bias_residual_layer_norm(
     *,
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(x + linear_bias + residual)`` over the last dim, fused. ``x``: (..., H)."""
+    """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dim, fused. ``x``: (..., H).
+
+    ``dropout_p > 0`` draws ``seed`` from the default generator when none is given (the mask is a
+    function of the seed, see the module docstring).
+    """
     _check(x, weight, bias, linear_bias, residual)
-    return OP(backend, x, weight, bias, float(eps), linear_bias, residual)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"bias_residual_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = _dropout.draw_seed()
+    return OP(backend, x, weight, bias, float(eps), linear_bias, residual, float(dropout_p), seed)
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
@@ -186,6 +228,10 @@ bias_residual_layer_norm_fwd = _tu.launcher(
 )
 
 
+def _bias_residual_layer_norm_triton(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
+    return bias_residual_layer_norm_fwd(x, weight, bias, eps, linear_bias, residual)
+
+
 def aot_specs() -> list[dict]:
     """Every kernel specialization the launcher can choose, for the ahead-of-time compile test.
 
@@ -257,8 +303,9 @@ def _bias_residual_layer_norm_bwd_kernel(
     tl.store(base + 2 * n_cols + cols, dlb, mask=mask)
 
 
-def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual):
+def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
     """Triton backward: ``(dx, dweight, dbias, dlinear_bias, dresidual)`` (parameter grads fp32)."""
+    assert dropout_p == 0, "the Triton kernels have no dropout (the support check routes such calls elsewhere)"
     x2, g2 = _tu.flatten_rows(x), _tu.flatten_rows(grad)
     r2 = _tu.flatten_rows(residual) if residual is not None else None
     n_rows, n_cols = x2.shape
@@ -285,10 +332,12 @@ def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias
     return dx, sums[0], sums[1], (sums[2] if linear_bias is not None else None), (dx if residual is not None else None)
 
 
-def _bias_residual_layer_norm_bwd_cpp(grad, x, weight, bias, eps, linear_bias, residual):
+def _bias_residual_layer_norm_bwd_cpp(grad, x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
     op = torch.ops.bert_fast.bias_residual_layer_norm_bwd
-    dx, dw, db, dlb = op(grad, x, weight, bias, eps, linear_bias, residual)
-    return dx, dw, db, (dlb if linear_bias is not None else None), (dx if residual is not None else None)
+    dx, dw, db, dlb, dres = op(grad, x, weight, bias, eps, linear_bias, residual, dropout_p, seed or 0)
+    if dropout_p == 0:
+        dres = dx  # the same gradient; the op returned an empty placeholder
+    return dx, dw, db, (dlb if linear_bias is not None else None), (dres if residual is not None else None)
 
 
 _bias_residual_layer_norm_bwd_cpp.available = lambda: hasattr(  # type: ignore[attr-defined]
@@ -296,11 +345,19 @@ _bias_residual_layer_norm_bwd_cpp.available = lambda: hasattr(  # type: ignore[a
 )
 
 
-def _bias_residual_layer_norm_bwd_fake(grad, x, weight, bias, eps, linear_bias=None, residual=None):
+def _bias_residual_layer_norm_bwd_fake(
+    grad, x, weight, bias, eps, linear_bias=None, residual=None, dropout_p=0.0, seed=0
+):
     """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm_bwd``."""
     h = x.shape[-1]
     vec = [x.new_empty((h,), dtype=torch.float32) for _ in range(3)]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), *vec)
+    dres = torch.empty_like(x, memory_format=torch.contiguous_format) if dropout_p > 0 else x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *vec, dres)
+
+
+def _bias_residual_layer_norm_dropout_fake(x, weight, bias, eps, linear_bias, residual, dropout_p, seed):
+    """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm_dropout``."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def bias_residual_layer_norm_backward(
@@ -313,6 +370,8 @@ def bias_residual_layer_norm_backward(
     residual: torch.Tensor | None,
     *,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> tuple:
     """Gradients of :func:`bias_residual_layer_norm` by the ``backend``'s kernel (``"triton"``, ``"cpp"`` on CPU).
 
@@ -325,17 +384,18 @@ def bias_residual_layer_norm_backward(
     impl = OP.backward[backend]
     if isinstance(impl, dict):
         impl = impl[x.device.type]
-    return impl(grad.contiguous(), x, weight, bias, float(eps), linear_bias, residual)
+    return impl(grad.contiguous(), x, weight, bias, float(eps), linear_bias, residual, float(dropout_p), seed)
 
 
 _dispatch.register_cpp_fake("bias_residual_layer_norm", _bias_residual_layer_norm_fake)
 _dispatch.register_cpp_fake("bias_residual_layer_norm_bwd", _bias_residual_layer_norm_bwd_fake)
+_dispatch.register_cpp_fake("bias_residual_layer_norm_dropout", _bias_residual_layer_norm_dropout_fake)
 
 OP = _dispatch.Op(
     "bias_residual_layer_norm",
     bias_residual_layer_norm_ref,
-    {"triton": bias_residual_layer_norm_fwd, "cpp": _bias_residual_layer_norm_cpp},
-    supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
+    {"triton": _bias_residual_layer_norm_triton, "cpp": _bias_residual_layer_norm_cpp},
+    supports={"triton": _triton_support, "cpp": _cpp_support},
     grad_args=(0, 1, 2, 4, 5),
     backward={"triton": _bias_residual_layer_norm_bwd_triton, "cpp": {"cpu": _bias_residual_layer_norm_bwd_cpp}},
 )
