@@ -237,10 +237,11 @@ def _select(backends: tuple[str, ...], device: torch.device, grad: bool) -> Plan
         setattr(plan, slot, op.select(be, device, grad))
     plan.backends = {op.name: be for op, be in zip(_SLOT_OPS.values(), backends)}
     # Whether the slot's backend fuses dropout (then the layer passes it a seed; else the reference
-    # takes PyTorch's own dropout): the C++ kernels on the CPU.
-    fused = device.type == "cpu"
-    plan.attention_dropout = fused and plan.backends[ATTENTION.name] == "cpp"
-    plan.layer_norm_dropout = fused and plan.backends[LAYER_NORM.name] == "cpp"
+    # takes PyTorch's own dropout): the Triton kernels (also behind ``cpp`` attention on CUDA) and
+    # the C++ kernels on the CPU (the extension's CUDA LayerNorm has no dropout).
+    attention, layer_norm = plan.backends[ATTENTION.name], plan.backends[LAYER_NORM.name]
+    plan.attention_dropout = attention in ("triton", "cpp")
+    plan.layer_norm_dropout = layer_norm == "triton" or (layer_norm == "cpp" and device.type == "cpu")
     return plan
 
 
