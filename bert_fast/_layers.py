@@ -13,16 +13,21 @@ import torch
 
 from . import _plan
 from .families import Family, LayerParts
+from .kernels import _dropout
 
 
 def _dense_residual_layer_norm(plan, dense, w, b, dropout, ln_w, ln_b, eps, h, residual, training: bool):
     """HF's ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dropout(dense(h)) + residual)``.
 
     In eval (or with dropout 0, or no dropout module) the GEMM runs without its bias, which is fused
-    into the LayerNorm op; with active dropout, which sits between the biased projection and the
-    residual add, the bias stays in the GEMM.
+    into the LayerNorm op. With active dropout, which sits between the biased projection and the
+    residual add, a LayerNorm kernel that fuses dropout takes the bias and a fresh seed; otherwise the
+    bias stays in the GEMM and the module's own dropout runs.
     """
     if training and dropout is not None and dropout.p > 0:
+        if plan.layer_norm_dropout:
+            h = plan.linear(h, w, None, _plan.packer(dense, w))
+            return plan.layer_norm(h, ln_w, ln_b, eps, b, residual, float(dropout.p), _dropout.draw_seed())
         h = dropout(plan.linear(h, w, b, None))
         return plan.layer_norm(h, ln_w, ln_b, eps, None, residual)
     h = plan.linear(h, w, None, _plan.packer(dense, w))
@@ -83,11 +88,19 @@ def layer_forward(plan, p: _Layer, x: torch.Tensor, cu_seqlens, max_seqlen: int,
     """One post-LayerNorm encoder layer (:class:`_Layer`: its modules and Parameters)."""
     n = x.shape[0]
     heads = p.heads
-    w_qkv, b_qkv = _plan.fused_qkv_of(p.attn, p.qkv)
-    qkv = plan.linear(x, w_qkv, b_qkv, _plan.packer(p.attn, w_qkv))
-    q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
+    if torch.is_grad_enabled() and any(t.requires_grad for t in p.qkv):
+        # Training: three projections (as HF runs them) instead of one on the concatenated weight,
+        # which would be copied every step and kept for backward (85 MB in BERT-base).
+        w_q, w_k, w_v, b_q, b_k, b_v = p.qkv
+        q, k, v = (plan.linear(x, w, b, None).view(n, heads, head_dim) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+    else:
+        w_qkv, b_qkv = _plan.fused_qkv_of(p.attn, p.qkv)
+        qkv = plan.linear(x, w_qkv, b_qkv, _plan.packer(p.attn, w_qkv))
+        q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)  # strided views, no copies
     dropout = p.attn_dropout if training else 0.0
-    ctx = plan.attention(q, k, v, cu_seqlens, max_seqlen, head_dim**-0.5, dropout).view(n, heads * head_dim)
+    seed = _dropout.draw_seed() if dropout > 0 and plan.attention_dropout else None
+    ctx = plan.attention(q, k, v, cu_seqlens, max_seqlen, head_dim**-0.5, dropout, seed)
+    ctx = ctx.view(n, heads * head_dim)
 
     x = _dense_residual_layer_norm(
         plan, p.attn_out, p.attn_out_w, p.attn_out_b, p.attn_out_dropout, *p.attn_ln, ctx, x, training

@@ -204,7 +204,7 @@ class Plan:
 
     __slots__ = (
         "embed", "linear", "attention", "layer_norm", "bias_act", "unpad_mask", "gather_rows", "scatter_rows",
-        "backends",
+        "backends", "attention_dropout", "layer_norm_dropout",
     )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -237,7 +237,8 @@ def build_plan(model, device: torch.device, dtype: torch.dtype, grad: bool, trai
         "embed": (ids, ids, ids, emb.word_embeddings.weight, emb.position_embeddings.weight, fam.type_table(emb),
                   emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, None),
         "linear": (x, w, None, None),
-        "attention": (q, k, v, cu, config.max_position_embeddings, 1.0, dropout),
+        # a seed stands for the one each training forward draws (fused dropout takes one)
+        "attention": (q, k, v, cu, config.max_position_embeddings, 1.0, dropout, 0 if dropout > 0 else None),
         "layer_norm": (x, ln.weight, ln.bias, ln.eps, ln.bias, x),
         "bias_act": (inter, None, "gelu"),
         "unpad_mask": (mask,),
@@ -253,6 +254,12 @@ def _select(backends: tuple[str, ...], device: torch.device, grad: bool) -> Plan
     for (slot, op), be in zip(_SLOT_OPS.items(), backends):
         setattr(plan, slot, op.select(be, device, grad))
     plan.backends = {op.name: be for op, be in zip(_SLOT_OPS.values(), backends)}
+    # Whether the slot's backend fuses dropout (then the layer passes it a seed; else the reference
+    # takes PyTorch's own dropout): the Triton kernels (also behind ``cpp`` attention on CUDA) and
+    # the C++ kernels on the CPU (the extension's CUDA LayerNorm has no dropout).
+    attention, layer_norm = plan.backends[ATTENTION.name], plan.backends[LAYER_NORM.name]
+    plan.attention_dropout = attention in ("triton", "cpp")
+    plan.layer_norm_dropout = layer_norm == "triton" or (layer_norm == "cpp" and device.type == "cpu")
     return plan
 
 

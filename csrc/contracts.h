@@ -44,6 +44,10 @@ inline void check_float_dtype(const char* op, const char* name, const at::Tensor
               " must be float32, bfloat16 or float16, got ", dtype_name(dt));
 }
 
+inline void check_dropout_p(const char* op, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+}
+
 inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least one dimension");
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,

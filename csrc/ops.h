@@ -32,9 +32,10 @@ namespace bert_fast {
 std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                     const std::optional<at::Tensor>& bias,
                                                     c10::string_view activation);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual);
+    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual, double dropout_p,
+    int64_t seed);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_layer_norm_bwd_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& input_ids, const at::Tensor& position_ids,
@@ -44,7 +45,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                                         const at::Tensor& k, const at::Tensor& v,
                                                                         const at::Tensor& cu_seqlens,
-                                                                        int64_t max_seqlen, double scale);
+                                                                        int64_t max_seqlen, double scale,
+                                                                        double dropout_p, int64_t seed);
+// Forward ops with fused dropout: CPU only (the Triton kernels have no dropout yet).
+at::Tensor varlen_attention_dropout_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                                        double dropout_p, int64_t seed);
+at::Tensor bias_residual_layer_norm_dropout_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                                double eps, const std::optional<at::Tensor>& linear_bias,
+                                                const std::optional<at::Tensor>& residual, double dropout_p,
+                                                int64_t seed);
 
 // Small-batch fp32 GEMM on weights packed into 16-column panels (CPU only, AVX2 + FMA chosen at run
 // time; csrc/cpu/sgemm_avx2.cpp).

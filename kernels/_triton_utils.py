@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _backend
+from . import _backend, _dropout
 
 try:  # triton is an optional dependency
     import triton
@@ -57,9 +57,14 @@ MAX_HIDDEN = 4096
 ROW_BLOCKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def jit(fn: Callable) -> Callable:
-    """``triton.jit`` when triton is importable; otherwise the function itself (never launched)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn: Callable | None = None, **options: object) -> Callable:
+    """``triton.jit`` when triton is importable; otherwise the function itself (never launched).
+
+    ``@jit(do_not_specialize=(...))`` passes options through (seeds: one compiled kernel for every value).
+    """
+    if fn is None:
+        return lambda f: jit(f, **options)
+    return triton.jit(fn, **options) if triton is not None else fn
 
 
 def next_power_of_2(n: int) -> int:
@@ -277,6 +282,46 @@ def online_softmax_step(s, mask_n, m_i, l_i):
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+#: The dropout arguments of the kernels, never specialized on their values (a fresh seed per call
+#: must not compile a new variant when it happens to be divisible by 16; neither may a launch's
+#: stream offset). Kernels name those they have.
+DROPOUT_ARGS = ("seed", "dropout_threshold", "stream_offset")
+
+
+def dropout_args(dropout_p: float, seed: int | None) -> tuple[int, int, float]:
+    """The kernels' ``(seed, dropout_threshold, dropout_scale)`` arguments (placeholders without dropout)."""
+    if dropout_p <= 0:
+        return 0, 0, 1.0
+    assert seed is not None, "fused dropout needs a seed"
+    return int(seed), _dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+@jit
+def dropout_keep(seed, stream, index, threshold):
+    """Keep-mask of the elements ``index`` (int32 or int64 tensor) of dropout ``stream`` (int64 scalar):
+    kept iff the element's Philox word (:func:`dropout_word`) >= ``threshold`` = floor(p 2^32)."""
+    return dropout_word(seed, stream, index) >= threshold.to(tl.uint32)
+
+
+@jit
+def dropout_word(seed, stream, index):
+    """The uint32 word deciding each element ``index`` of dropout ``stream``, the convention of
+    :mod:`~bert_fast.kernels._dropout`: Philox4x32-10 keyed by the 64-bit ``seed``, counter
+    (index >> 2 as two words, stream as two words), word ``index & 3``. ``tl.philox`` is
+    Philox4x32-10 with Random123's constants and round order (checked against the oracle in
+    tests/ops/test_dropout.py). Each element runs the 10 rounds of its counter (4 elements share
+    one): a tile's elements need not be 4-aligned (attention's i * L + j is not)."""
+    block = index >> 2
+    c0 = block.to(tl.uint32)  # the low word (truncation)
+    if tl.constexpr(index.dtype.primitive_bitwidth) > 32:
+        c1 = (block >> 32).to(tl.uint32)
+    else:
+        c1 = c0 * 0  # index < 2^31
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, (stream & 0xFFFFFFFF).to(tl.uint32), (stream >> 32).to(tl.uint32))
+    w = index & 3
+    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
 
 
 @jit

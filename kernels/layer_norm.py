@@ -26,6 +26,20 @@ statistics from the saved inputs and writes ``dh = rstd (g - mean(g) - xhat mean
 ``g = dy * weight`` (which is dx and d-residual); dweight, dbias and d-linear-bias are fp32 partial
 column sums per block of rows, reduced afterwards (deterministic). The C++ backend on CUDA has no
 backward kernel and uses the reference backward.
+
+Dropout (training): ``dropout_p > 0`` computes HF's ``LayerNorm(dropout(x + linear_bias) + residual)``
+with the mask drawn from ``seed`` (:mod:`~bert_fast.kernels._dropout`: counter-based, stream 0, index
+``row * H + column``). The C++ kernels (``bert_fast::bias_residual_layer_norm_dropout`` and the
+backward op) generate the mask per row in registers-sized chunks; the Triton kernels (constexpr
+``DROPOUT``: the variants without it compile as before) generate it in registers with ``tl.philox``
+(:func:`~bert_fast.kernels._triton_utils.dropout_keep`). Both regenerate it in the backward: no mask
+tensor is written or stored (HF keeps a one-byte mask per element for backward), and the separate
+dropout pass over the activation (read and write N H elements, plus the mask) disappears. Cost: one
+Philox4x32-10 (10 rounds of two 32 x 32-bit multiplies) per element, in the forward and again in the
+backward, which then writes d-residual (= dh) and dx (= dh * mask / (1 - p)) separately (one more
+N H write than without dropout); dlinear_bias sums dx. The reference applies the same mask (the
+oracle); with ``seed=None`` it uses ``torch.nn.functional.dropout`` instead (the model's path where
+no fused kernel serves). The C++ backend on CUDA has no dropout: such calls resolve to another backend.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from . import _dispatch, _dropout
 from . import _triton_utils as _tu
 from ._triton_utils import tl, triton
 
@@ -45,17 +59,26 @@ def bias_residual_layer_norm_ref(
     eps: float,
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch, HF's exact order of operations: ``LN((x + linear_bias) + residual)``.
+    """Plain PyTorch, HF's exact order of operations: ``LN(dropout(x + linear_bias) + residual)``.
 
     ``upcast=True`` computes in fp32 and casts the result back to ``x.dtype`` (the oracle for
-    half-precision comparisons).
+    half-precision comparisons). Dropout: see the module docstring.
     """
     dtype = x.dtype
     h = x.float() if upcast else x
     if linear_bias is not None:
         h = h + (linear_bias.float() if upcast else linear_bias)
+    if dropout_p > 0:
+        if seed is None:
+            h = F.dropout(h, dropout_p)
+        else:
+            rows = h.numel() // max(1, h.shape[-1])
+            mult = _dropout.rows_multiplier(seed, dropout_p, rows, h.shape[-1], h.device, h.dtype)
+            h = h * mult.view(h.shape)
     if residual is not None:
         h = h + (residual.float() if upcast else residual)
     w, b = (weight.float(), bias.float()) if upcast else (weight, bias)
@@ -76,17 +99,31 @@ def _check(x, weight, bias, linear_bias, residual) -> None:
             raise ValueError(f"bias_residual_layer_norm: {name} is on {t.device}, x on {x.device}")
 
 
-def _triton_support(x, weight, bias, eps, linear_bias, residual) -> str | None:
+def _triton_support(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None) -> str | None:
     """``None`` when the Triton kernel can serve this call, else the reason it cannot."""
+    if dropout_p > 0 and seed is None:
+        return "fused dropout needs a seed"
     return _tu.unsupported_rows(x.shape[-1], x, weight, bias, linear_bias, residual)
 
 
-def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, residual=None):
+def _cpp_support(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None) -> str | None:
+    if dropout_p > 0:
+        if x.device.type != "cpu":
+            return "dropout is fused in the CPU kernel only"
+        if seed is None:
+            return "fused dropout needs a seed"
+    return _dispatch.fused_dtypes(x, weight, bias, linear_bias, residual)
+
+
+def _bias_residual_layer_norm_fake(x, weight, bias, eps, linear_bias=None, residual=None, dropout_p=0.0, seed=None):
     """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm`` and its Triton custom op."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _bias_residual_layer_norm_cpp(x, weight, bias, eps, linear_bias, residual):
+def _bias_residual_layer_norm_cpp(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
+    if dropout_p > 0:
+        op = torch.ops.bert_fast.bias_residual_layer_norm_dropout
+        return op(x, weight, bias, eps, linear_bias, residual, dropout_p, seed)
     return torch.ops.bert_fast.bias_residual_layer_norm(x, weight, bias, eps, linear_bias, residual)
 
 
@@ -98,17 +135,27 @@ def bias_residual_layer_norm(
     *,
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(x + linear_bias + residual)`` over the last dim, fused. ``x``: (..., H)."""
+    """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dim, fused. ``x``: (..., H).
+
+    ``dropout_p > 0`` draws ``seed`` from the default generator when none is given (the mask is a
+    function of the seed, see the module docstring).
+    """
     _check(x, weight, bias, linear_bias, residual)
-    return OP(backend, x, weight, bias, float(eps), linear_bias, residual)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"bias_residual_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = _dropout.draw_seed()
+    return OP(backend, x, weight, bias, float(eps), linear_bias, residual, float(dropout_p), seed)
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
 
 
-@_tu.jit
+@_tu.jit(do_not_specialize=_tu.DROPOUT_ARGS)
 def _bias_residual_layer_norm_fwd_kernel(
     X,  # pointer to the input rows (GEMM output without its bias), shape (N, H), unit column stride
     Residual,  # pointer to the residual rows, shape (N, H), unit column stride; read iff HAS_RESIDUAL
@@ -121,8 +168,12 @@ def _bias_residual_layer_norm_fwd_kernel(
     stride_y_row,
     n_cols,
     eps,
+    seed: tl.int64,  # dropout seed (read iff DROPOUT)
+    dropout_threshold: tl.int64,  # floor(p 2^32): elements whose Philox word is below are dropped
+    dropout_scale,  # 1 / (1 - p)
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 before the stride product: N * H may exceed 2^31
@@ -133,6 +184,9 @@ def _bias_residual_layer_norm_fwd_kernel(
     h = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_LINEAR_BIAS:
         h += tl.load(LinearBias + cols, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:  # HF's dropout(x + bias) before the residual add; stream 0, index row * H + column
+        keep = _tu.dropout_keep(seed, row * 0, row * n_cols + cols, dropout_threshold)
+        h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(Residual + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
     y = _tu.layer_norm_row(h, cols, mask, n_cols, W, B, eps)  # two-pass fp32 statistics, eps as given
@@ -146,8 +200,11 @@ def _bias_residual_layer_norm_fwd_impl(
     eps: float,
     linear_bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Triton forward: ``LayerNorm((x + linear_bias) + residual)``; ``x`` (..., H), returns x's dtype/shape.
+    """Triton forward: ``LayerNorm(dropout(x + linear_bias) + residual)``; ``x`` (..., H), returns x's
+    dtype/shape. Dropout (``dropout_p > 0``) takes the mask of ``seed``.
 
     Arguments are asserted, not validated: :func:`bias_residual_layer_norm` validates them.
     """
@@ -172,18 +229,25 @@ def _bias_residual_layer_norm_fwd_impl(
         y.stride(0),
         n_cols,
         float(eps),
+        *_tu.dropout_args(dropout_p, seed),
     )
-    flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None}
+    flags = {"HAS_LINEAR_BIAS": linear_bias is not None, "HAS_RESIDUAL": residual2 is not None,
+             "DROPOUT": dropout_p > 0}  # fmt: skip
     _tu.launch_rows(_bias_residual_layer_norm_fwd_kernel, args, flags, n_rows, n_cols, x.device)
     return y.view(x.shape)
 
 
 bias_residual_layer_norm_fwd = _tu.launcher(
     "bias_residual_layer_norm_fwd",
-    "(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias, Tensor? residual) -> Tensor",
+    "(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? linear_bias, Tensor? residual, float dropout_p, "
+    "int? seed) -> Tensor",
     _bias_residual_layer_norm_fwd_impl,
     _bias_residual_layer_norm_fake,
 )
+
+
+def _bias_residual_layer_norm_triton(x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
+    return bias_residual_layer_norm_fwd(x, weight, bias, eps, linear_bias, residual, dropout_p, seed)
 
 
 def aot_specs() -> list[dict]:
@@ -195,24 +259,28 @@ def aot_specs() -> list[dict]:
     sig = {
         "X": "*{dt}", "Residual": "*{dt}", "LinearBias": "*{dt}", "W": "*{dt}", "B": "*{dt}",
         "Y": "*{dt}", "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32",
-        "n_cols": "i32", "eps": "fp32",
+        "n_cols": "i32", "eps": "fp32", "seed": "i64", "dropout_threshold": "i64", "dropout_scale": "fp32",
     }  # fmt: skip
-    flags = {"HAS_LINEAR_BIAS": "lb", "HAS_RESIDUAL": "res"}
-    variants = [(True, True), (True, False), (False, True), (False, False)]
-    return _tu.row_aot_specs("layer_norm", _bias_residual_layer_norm_fwd_kernel, sig, flags, variants)
+    flags = {"HAS_LINEAR_BIAS": "lb", "HAS_RESIDUAL": "res", "DROPOUT": "drop"}
+    kernel = _bias_residual_layer_norm_fwd_kernel
+    variants = [(True, True, False), (True, False, False), (False, True, False), (False, False, False)]
+    # dropout (training): the model's variant (both inputs) on every block, the lightest on BERT's
+    return (_tu.row_aot_specs("layer_norm", kernel, sig, flags, variants)
+            + _tu.row_aot_specs("layer_norm", kernel, sig, flags, [(True, True, True), (False, False, True)]))
 
 
 # --- backward ----------------------------------------------------------------------------------
 
 
-@_tu.jit
+@_tu.jit(do_not_specialize=_tu.DROPOUT_ARGS)
 def _bias_residual_layer_norm_bwd_kernel(
     G,  # pointer to the gradient of the output, shape (N, H), unit column stride
     X,  # pointer to the forward input rows, shape (N, H), unit column stride
     Residual,  # pointer to the residual rows, shape (N, H); read iff HAS_RESIDUAL
     LinearBias,  # pointer to the GEMM bias, shape (H,); read iff HAS_LINEAR_BIAS
     W,  # pointer to the LayerNorm weight, shape (H,)
-    DX,  # pointer to the gradient of the summed input h (= dx = dresidual), shape (N, H)
+    DX,  # pointer to the gradient of x (= of the summed input h without dropout), shape (N, H)
+    DRes,  # pointer to the gradient of the residual (= of h), shape (N, H); written iff DROPOUT (else DX is it)
     Partial,  # pointer to per-program partial column sums, fp32, shape (programs, 3, H): dw, db, dlb
     stride_g_row,
     stride_x_row,
@@ -222,8 +290,12 @@ def _bias_residual_layer_norm_bwd_kernel(
     n_cols,
     rows_per_program,
     eps,
+    seed: tl.int64,  # the forward's dropout seed (read iff DROPOUT)
+    dropout_threshold: tl.int64,
+    dropout_scale,
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     pid, cols, mask, w = _tu.row_program(W, n_cols, BLOCK_H)
@@ -239,6 +311,9 @@ def _bias_residual_layer_norm_bwd_kernel(
         h = tl.load(X + row * stride_x_row + cols, mask=rmask, other=0.0).to(tl.float32)
         if HAS_LINEAR_BIAS:
             h += tl.where(rmask, lb, 0.0)
+        if DROPOUT:  # the forward's mask, regenerated (h = (x + lb) * mult + residual)
+            mult = tl.where(_tu.dropout_keep(seed, row * 0, row * n_cols + cols, dropout_threshold), dropout_scale, 0.0)
+            h *= mult
         if HAS_RESIDUAL:
             h += tl.load(Residual + row * stride_residual_row + cols, mask=rmask, other=0.0).to(tl.float32)
         # statistics recomputed as the forward computes them (two-pass, fp32, biased variance)
@@ -247,6 +322,10 @@ def _bias_residual_layer_norm_bwd_kernel(
         rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / n_cols + eps)
         dy = tl.load(G + row * stride_g_row + cols, mask=rmask, other=0.0).to(tl.float32)
         xhat, dh = _tu.layer_norm_row_bwd(dy, w, diff, rstd, rmask, n_cols)
+        if DROPOUT:  # d residual = dh; dx = dh * mult (0 where dropped)
+            if HAS_RESIDUAL:
+                tl.store(DRes + row * stride_dx_row + cols, dh.to(DRes.dtype.element_ty), mask=rmask)
+            dh *= mult
         tl.store(DX + row * stride_dx_row + cols, dh.to(DX.dtype.element_ty), mask=rmask)
         dw += dy * xhat
         db += dy
@@ -257,12 +336,16 @@ def _bias_residual_layer_norm_bwd_kernel(
     tl.store(base + 2 * n_cols + cols, dlb, mask=mask)
 
 
-def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual):
-    """Triton backward: ``(dx, dweight, dbias, dlinear_bias, dresidual)`` (parameter grads fp32)."""
+def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
+    """Triton backward: ``(dx, dweight, dbias, dlinear_bias, dresidual)`` (parameter grads fp32).
+
+    Without dropout dx and dresidual are one tensor; with it, dx = dresidual * mask multiplier.
+    """
     x2, g2 = _tu.flatten_rows(x), _tu.flatten_rows(grad)
     r2 = _tu.flatten_rows(residual) if residual is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    dres = torch.empty_like(dx) if dropout_p > 0 and residual is not None else dx
     # Programs: a fixed count (small under the interpreter), each looping over a run of rows and
     # keeping its column sums in registers; the (programs, 3, H) partials are reduced by one sum.
     programs = max(1, min(n_rows, 8 if _tu.interpreting() else 1024))
@@ -272,23 +355,27 @@ def _bias_residual_layer_norm_bwd_triton(grad, x, weight, bias, eps, linear_bias
         block = _tu.row_block(n_cols)
         wc = weight.contiguous()
         lbc = linear_bias.contiguous() if linear_bias is not None else None
-        args = (g2, x2, r2 if r2 is not None else x2, lbc if lbc is not None else wc, wc, dx, partial,
+        args = (g2, x2, r2 if r2 is not None else x2, lbc if lbc is not None else wc, wc, dx, dres, partial,
                 g2.stride(0), x2.stride(0), r2.stride(0) if r2 is not None else 0, dx.stride(0),
-                n_rows, n_cols, rows_per_program, float(eps))  # fmt: skip
+                n_rows, n_cols, rows_per_program, float(eps), *_tu.dropout_args(dropout_p, seed))  # fmt: skip
         with _tu.device_guard(x.device):
             _bias_residual_layer_norm_bwd_kernel[(programs,)](
-                *args, HAS_LINEAR_BIAS=linear_bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_H=block,
+                *args, HAS_LINEAR_BIAS=linear_bias is not None, HAS_RESIDUAL=residual is not None,
+                DROPOUT=dropout_p > 0, BLOCK_H=block,
                 num_warps=_tu.INTERPRET_ROW_WARPS if _tu.interpreting() else (4 if block <= 1024 else 8),
             )  # fmt: skip
     sums = partial.sum(0)
-    dx = dx.view(x.shape)
-    return dx, sums[0], sums[1], (sums[2] if linear_bias is not None else None), (dx if residual is not None else None)
+    dx, dres = dx.view(x.shape), dres.view(x.shape)
+    dlb = sums[2] if linear_bias is not None else None
+    return dx, sums[0], sums[1], dlb, (dres if residual is not None else None)
 
 
-def _bias_residual_layer_norm_bwd_cpp(grad, x, weight, bias, eps, linear_bias, residual):
+def _bias_residual_layer_norm_bwd_cpp(grad, x, weight, bias, eps, linear_bias, residual, dropout_p=0.0, seed=None):
     op = torch.ops.bert_fast.bias_residual_layer_norm_bwd
-    dx, dw, db, dlb = op(grad, x, weight, bias, eps, linear_bias, residual)
-    return dx, dw, db, (dlb if linear_bias is not None else None), (dx if residual is not None else None)
+    dx, dw, db, dlb, dres = op(grad, x, weight, bias, eps, linear_bias, residual, dropout_p, seed or 0)
+    if dropout_p == 0:
+        dres = dx  # the same gradient; the op returned an empty placeholder
+    return dx, dw, db, (dlb if linear_bias is not None else None), (dres if residual is not None else None)
 
 
 _bias_residual_layer_norm_bwd_cpp.available = lambda: hasattr(  # type: ignore[attr-defined]
@@ -296,11 +383,19 @@ _bias_residual_layer_norm_bwd_cpp.available = lambda: hasattr(  # type: ignore[a
 )
 
 
-def _bias_residual_layer_norm_bwd_fake(grad, x, weight, bias, eps, linear_bias=None, residual=None):
+def _bias_residual_layer_norm_bwd_fake(
+    grad, x, weight, bias, eps, linear_bias=None, residual=None, dropout_p=0.0, seed=0
+):
     """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm_bwd``."""
     h = x.shape[-1]
     vec = [x.new_empty((h,), dtype=torch.float32) for _ in range(3)]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), *vec)
+    dres = torch.empty_like(x, memory_format=torch.contiguous_format) if dropout_p > 0 else x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *vec, dres)
+
+
+def _bias_residual_layer_norm_dropout_fake(x, weight, bias, eps, linear_bias, residual, dropout_p, seed):
+    """Fake (meta) implementation of ``bert_fast::bias_residual_layer_norm_dropout``."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def bias_residual_layer_norm_backward(
@@ -313,6 +408,8 @@ def bias_residual_layer_norm_backward(
     residual: torch.Tensor | None,
     *,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> tuple:
     """Gradients of :func:`bias_residual_layer_norm` by the ``backend``'s kernel (``"triton"``, ``"cpp"`` on CPU).
 
@@ -325,17 +422,18 @@ def bias_residual_layer_norm_backward(
     impl = OP.backward[backend]
     if isinstance(impl, dict):
         impl = impl[x.device.type]
-    return impl(grad.contiguous(), x, weight, bias, float(eps), linear_bias, residual)
+    return impl(grad.contiguous(), x, weight, bias, float(eps), linear_bias, residual, float(dropout_p), seed)
 
 
 _dispatch.register_cpp_fake("bias_residual_layer_norm", _bias_residual_layer_norm_fake)
 _dispatch.register_cpp_fake("bias_residual_layer_norm_bwd", _bias_residual_layer_norm_bwd_fake)
+_dispatch.register_cpp_fake("bias_residual_layer_norm_dropout", _bias_residual_layer_norm_dropout_fake)
 
 OP = _dispatch.Op(
     "bias_residual_layer_norm",
     bias_residual_layer_norm_ref,
-    {"triton": bias_residual_layer_norm_fwd, "cpp": _bias_residual_layer_norm_cpp},
-    supports={"triton": _triton_support, "cpp": _dispatch.fused_dtypes},
+    {"triton": _bias_residual_layer_norm_triton, "cpp": _bias_residual_layer_norm_cpp},
+    supports={"triton": _triton_support, "cpp": _cpp_support},
     grad_args=(0, 1, 2, 4, 5),
     backward={"triton": _bias_residual_layer_norm_bwd_triton, "cpp": {"cpu": _bias_residual_layer_norm_bwd_cpp}},
 )

@@ -171,10 +171,10 @@ def _function_body(sources: dict[str, str], name: str) -> str:
 
 
 def _schemas() -> set[str]:
-    # The backward ops (``*_bwd``) are CPU-only (the GPU backward is Triton's), and so is the packed-weight
-    # SGEMM (``sgemm_*``, AVX2): not in the two-device list.
+    # The backward ops (``*_bwd``) and the fused-dropout forwards (``*_dropout``) are CPU-only (on the GPU
+    # they are Triton's), and so is the packed-weight SGEMM (``sgemm_*``, AVX2): not in the two-device list.
     names = re.findall(r'm\.def\(\s*"(\w+)\(', _read(os.path.join(CSRC, "ops.cpp")))
-    return {n for n in names if not n.endswith("_bwd") and not n.startswith("sgemm_")}
+    return {n for n in names if not n.endswith(("_bwd", "_dropout")) and not n.startswith("sgemm_")}
 
 
 def test_every_op_is_registered_for_cpu_and_cuda():

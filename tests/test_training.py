@@ -86,8 +86,8 @@ def test_gradient_checkpointing_saves_memory_and_keeps_gradients(backend):
 @pytest.mark.parametrize("backend", backends_for_models())
 def test_gradient_checkpointing_repeats_dropout_masks(backend):
     """With dropout on, the recomputation must draw the same masks: same gradients as without checkpointing."""
-    # attention dropout is not fused: an explicit cpp backend refuses it (the torch backend runs it)
-    config = tiny_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2 if backend == "torch" else 0.0)
+    # the cpp backend fuses both dropouts (seeded masks); the torch backend runs PyTorch's own
+    config = tiny_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
     _, ours = _pair(transformers.BertForMaskedLM, bert_fast.BertForMaskedLM, config, backend)
     ids, mask, types = random_batch([12, 20, 5], config)
     labels = torch.where((torch.rand(ids.shape) < 0.5) & (mask == 1), ids, torch.full_like(ids, -100))
@@ -134,6 +134,53 @@ def test_cpp_training_runs_fused_backward_kernels(monkeypatch):
     assert calls["varlen_attention_bwd"] == config.num_hidden_layers, calls
     assert calls["bias_residual_layer_norm_bwd"] == 2 * config.num_hidden_layers, calls
     _assert_same_grads(ref, ours)
+
+
+def test_cpp_training_fuses_dropout(monkeypatch):
+    """With BERT's dropout on, the cpp backend runs attention and residual dropout inside its kernels
+    (seeded; the backward kernels get the forward's seed), once per layer and op, and a step repeats
+    exactly under the same ``torch.manual_seed``."""
+    names = ("varlen_attention_dropout", "bias_residual_layer_norm_dropout", "varlen_attention_bwd",
+             "bias_residual_layer_norm_bwd")  # fmt: skip
+    if not all(cpp_has_kernel(n, "cpu") for n in names):
+        pytest.skip("bert_fast._C is not built, or predates the fused dropout kernels")
+    seeds: dict[str, list] = {n: [] for n in names}
+    for name in names:
+        real = getattr(torch.ops.bert_fast, name)
+
+        def recorded(*args, _real=real, _name=name):
+            seeds[_name].append((args[-2], args[-1]))  # (dropout_p, seed)
+            return _real(*args)
+
+        monkeypatch.setattr(torch.ops.bert_fast, name, recorded)
+    config = tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
+    _, ours = _pair(transformers.BertModel, bert_fast.BertModel, config, "cpp")
+    ids, mask, types = random_batch([17, 9, 1, 12], config)
+    weights = torch.randn(*ids.shape, config.hidden_size) * mask[..., None]
+
+    def step():
+        ours.zero_grad(set_to_none=True)
+        out = ours(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        (out * weights).sum().backward()
+        return out.detach(), _grads(ours)
+
+    torch.manual_seed(3)
+    out1, g1 = step()
+    layers = config.num_hidden_layers
+    assert [p for p, _ in seeds["varlen_attention_dropout"]] == pytest.approx([0.2] * layers)
+    assert [p for p, _ in seeds["bias_residual_layer_norm_dropout"]] == pytest.approx([0.1] * 2 * layers)
+    # the backward regenerates each forward's mask: same seeds, in reverse order
+    fwd_attn = [s for _, s in seeds["varlen_attention_dropout"]]
+    assert sorted(s for _, s in seeds["varlen_attention_bwd"]) == sorted(fwd_attn)
+    fwd_ln = [s for _, s in seeds["bias_residual_layer_norm_dropout"]]
+    assert sorted(s for _, s in seeds["bias_residual_layer_norm_bwd"]) == sorted(fwd_ln)
+    assert len(set(fwd_attn + fwd_ln)) == 3 * layers  # a fresh seed per call
+    torch.manual_seed(3)
+    out2, g2 = step()
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
+    out3, _ = step()  # the generator moved on: other masks
+    assert not torch.equal(out1, out3)
 
 
 @pytest.mark.parametrize("backend", backends_for_models())

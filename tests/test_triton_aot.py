@@ -209,6 +209,11 @@ def test_aot_specs_cover_the_launched_specializations():
     assert {(c["HAS_LINEAR_BIAS"], c["HAS_RESIDUAL"]) for c in specs["layer_norm"]} == {
         (True, True), (True, False), (False, True), (False, False)
     }
+    # fused dropout (training): the model's variants, at BERT's head dims and row blocks
+    for d in (64, 128):
+        assert {c["DROPOUT"] for c in specs["attention"] if c["HEAD_DIM"] == d} == {True, False}
+    ln = {(c["BLOCK_H"], c["DROPOUT"]) for c in specs["layer_norm"] if c["HAS_LINEAR_BIAS"] and c["HAS_RESIDUAL"]}
+    assert {(b, d) for b in (512, 1024) for d in (True, False)} <= ln
     assert {(c["HAS_INPUTS_EMBEDS"], c["HAS_TOKEN_TYPES"]) for c in specs["embeddings"]} == {
         (True, True), (True, False), (False, True), (False, False)
     }

@@ -3,10 +3,15 @@
 //   xhat = (h - mean) rstd, g = dy * weight,
 //   dh = rstd (g - mean(g) - xhat mean(g xhat))            (per row; = dx = dresidual)
 //   dweight = sum_rows dy xhat, dbias = sum_rows dy, dlinear_bias = sum_rows dh   (column reductions)
+// With dropout (h = (x + linear_bias) * m + residual, m the forward's multipliers regenerated from
+// the seed, csrc/cpu/dropout.h): dresidual = dh, dx = dh * m, dlinear_bias = sum_rows dh * m; without
+// it dx is dh and the dresidual output is an empty placeholder.
 // One pass per row recomputes h, mean and rstd from x and the residual in fp32 (the forward saves
 // no statistics), writes dh once, and accumulates the three column sums per block of rows into fp32
 // partial rows, summed afterwards. Blocks depend only on the number of rows (deterministic for any
 // thread count). Reads dy, x, residual once; writes dh once.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -15,6 +20,7 @@
 
 #include "../contracts.h"
 #include "../ops.h"
+#include "dropout.h"
 #include "layer_norm_row.h"
 #include "vec.h"
 
@@ -24,17 +30,21 @@ namespace {
 constexpr int64_t kBlockRows = 32;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_norm_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& residual, double dropout_p,
+    int64_t seed) {
   constexpr const char* op = "bias_residual_layer_norm_bwd";
   const int64_t H = check_bias_residual_layer_norm_bwd(grad, x, weight, bias, linear_bias, residual);
+  check_dropout_p(op, dropout_p);
+  const Dropout drop(dropout_p, seed);
   const at::Tensor w = param_f32(weight);
   const at::Tensor lb = linear_bias ? param_f32(*linear_bias) : at::Tensor();
   const at::Tensor x2 = x.reshape({-1, H});
   const at::Tensor g2 = grad.reshape({-1, H});
   const at::Tensor r2 = residual ? residual->reshape({-1, H}) : at::Tensor();
   at::Tensor dh = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = drop.active ? at::empty_like(dh) : at::empty({0}, x.options());
   const int64_t M = x2.size(0);
   const int64_t blocks = std::max<int64_t>((M + kBlockRows - 1) / kBlockRows, 1);
   // partial column sums per block: [dweight | dbias | dlinear_bias]
@@ -49,20 +59,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_n
       const float* lbp = lb.defined() ? lb.const_data_ptr<float>() : nullptr;
       const float* wp = w.const_data_ptr<float>();
       scalar_t* dp = dh.data_ptr<scalar_t>();
+      scalar_t* dxp = drop.active ? dx.data_ptr<scalar_t>() : nullptr;
       float* pp = partial.data_ptr<float>();
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<float> hbuf(H), gbuf(H);
+        std::vector<float> hbuf(H), gbuf(H), mult(drop.active ? H : 0);
         for (int64_t blk = b0; blk < b1; ++blk) {
           float* dw = pp + blk * 3 * H;
           float* db = dw + H;
           float* dlb = db + H;
           for (int64_t r = blk * kBlockRows; r < std::min(M, (blk + 1) * kBlockRows); ++r) {
             // pass 1: h into hbuf, dy into gbuf (fp32), sum of h
+            const float* m = nullptr;
+            if (drop.active) {
+              dropout_multipliers(drop, 0, static_cast<uint64_t>(r * H), H, mult.data());
+              m = mult.data();
+            }
             Vec acc(0.f);
             for (int64_t j = 0; j < H; j += kVec) {
               const int64_t n = std::min(kVec, H - j);
               Vec h = load_f(xp + r * ldx + j, n);
               if (lbp) h = h + load_f(lbp + j, n);
+              if (m) h = h * load_f(m + j, n);
               if (rp) h = h + load_f(rp + r * ldr + j, n);
               store_f(hbuf.data() + j, h, n);
               store_f(gbuf.data() + j, load_f(gp + r * ldg + j, n), n);
@@ -91,7 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_n
               const Vec g = load_f(gbuf.data() + j, n) * load_f(wp + j, n);
               const Vec d = vrstd * (g - mg - xhat * mgx);
               store_f(dp + r * H + j, d, n);
-              store_f(dlb + j, load_f(dlb + j, n) + d, n);
+              if (m) {
+                const Vec dm = d * load_f(m + j, n);
+                store_f(dxp + r * H + j, dm, n);
+                store_f(dlb + j, load_f(dlb + j, n) + dm, n);
+              } else {
+                store_f(dlb + j, load_f(dlb + j, n) + d, n);
+              }
             }
           }
         }
@@ -100,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layer_n
   }
   const at::Tensor sums = partial.sum(0);  // (3, H): the column reduction over the blocks
   // separate tensors (the schema's outputs must not alias): 3 H floats copied
-  return {dh, sums[0].clone(), sums[1].clone(), sums[2].clone()};
+  if (drop.active) return {dx, sums[0].clone(), sums[1].clone(), sums[2].clone(), dh};
+  return {dh, sums[0].clone(), sums[1].clone(), sums[2].clone(), dx};
 }
 
 }  // namespace bert_fast

@@ -13,15 +13,17 @@
 
 namespace bert_fast {
 
-// y = LN(a (+ lb) (+ b) (+ c)) * w + bias, summed in that order (HF's order of operations).
-// a, b, c: rows of T (b, c nullable); lb: fp32 (nullable); buf: H floats of scratch.
+// y = LN((a (+ lb)) (* m) (+ b) (+ c)) * w + bias, in that order (HF's order of operations; m: the
+// dropout multipliers of the row). a, b, c: rows of T (b, c nullable); lb, m: fp32 (nullable); buf:
+// H floats of scratch.
 template <typename T>
 inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const float* w, const float* bias, float eps,
-                   T* y, int64_t H, float* buf) {
+                   T* y, int64_t H, float* buf, const float* m = nullptr) {
   // the shift: the summed first element, added in the same order as the vector code below (bit-equal
   // to buf[0])
   float first = static_cast<float>(a[0]);
   if (lb) first += lb[0];
+  if (m) first *= m[0];
   if (b) first += static_cast<float>(b[0]);
   if (c) first += static_cast<float>(c[0]);
   const Vec vshift(first);
@@ -34,6 +36,10 @@ inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const fl
     if (lb) {
       h0 = h0 + Vec::loadu(lb + j);
       h1 = h1 + Vec::loadu(lb + j + kVec);
+    }
+    if (m) {
+      h0 = h0 * Vec::loadu(m + j);
+      h1 = h1 * Vec::loadu(m + j + kVec);
     }
     if (b) {
       load2_f(b + j, t0, t1);
@@ -53,6 +59,7 @@ inline void ln_row(const T* a, const float* lb, const T* b, const T* c, const fl
     const int64_t n = std::min(kVec, H - j);
     Vec h = load_f(a + j, n);
     if (lb) h = h + load_f(lb + j, n);
+    if (m) h = h * load_f(m + j, n);
     if (b) h = h + load_f(b + j, n);
     if (c) h = h + load_f(c + j, n);
     store_f(buf + j, h, n);

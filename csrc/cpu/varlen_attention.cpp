@@ -17,6 +17,9 @@
 // [0, 1], are rounded once to the input dtype for the PV GEMM (as flash-attention does), the GEMM
 // accumulates in fp32, and the row is scaled by 1 / sum (fp32) before the single output rounding.
 //
+// Dropout (varlen_attention_dropout): each probability row is multiplied by its mask (csrc/cpu/dropout.h;
+// stream sequence * heads + head, index i * L + j) before the PV product; nothing is stored.
+//
 // Scheduling: tasks have very different costs (m * L) when lengths vary, and at::parallel_for
 // splits a range into equal contiguous chunks. So tasks are assigned to threads up front by
 // longest-processing-time-first (sort by cost, give each to the least-loaded thread) and
@@ -24,6 +27,7 @@
 // enough tasks to balance.
 #include "../contracts.h"
 #include "../ops.h"
+#include "dropout.h"
 #include "vec.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -198,7 +202,7 @@ struct Task {
 };
 
 struct Scratch {
-  std::vector<float> s, o, qf, kf, vf;
+  std::vector<float> s, o, qf, kf, vf, mult;
   std::vector<uint16_t> p16;
 };
 
@@ -210,7 +214,22 @@ struct Problem {
   int64_t heads, d;
   const int64_t* cu;
   float scale;
+  Dropout drop;  // on the probabilities, after the softmax (inactive: p = 0)
 };
+
+// Row i of task t: s[j] *= f * (dropout multiplier of (i, j)); the multipliers need L floats of scratch.
+inline void finish_row(const Dropout& drop, uint64_t stream, int64_t row, int64_t L, float* s, float f, float* mult) {
+  if (!drop.active) {
+    if (f != 1.f) scale_row(s, L, f);
+    return;
+  }
+  dropout_multipliers(drop, stream, static_cast<uint64_t>(row * L), L, mult);
+  const Vec vf(f);
+  for (int64_t j = 0; j < L; j += kVec) {
+    const int64_t n = std::min(kVec, L - j);
+    store_f(s + j, Vec::loadu(s + j, n) * Vec::loadu(mult + j, n) * vf, n);
+  }
+}
 
 template <typename T>
 void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
@@ -221,13 +240,14 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
   const int64_t ldo = p.heads * d;
   T* O = p.out + (start + t.q0) * ldo + t.head * d;
   float* S = sc.s.data();
+  const uint64_t stream = static_cast<uint64_t>(t.seq * p.heads + t.head);
 
   const gemm16_fn g16 = gemm16_for<T>();
   if constexpr (std::is_same_v<T, float>) {
     sgemm_nt(m, L, d, p.scale, Q, p.sq, K, p.sk, S, L);
     for (int64_t i = 0; i < m; ++i) {
       float* row = S + i * L;
-      scale_row(row, L, softmax_unnormalized(row, L));
+      finish_row(p.drop, stream, t.q0 + i, L, row, softmax_unnormalized(row, L), sc.mult.data());
     }
     sgemm_nn(m, d, L, S, L, V, p.sv, O, ldo);  // written straight into the output
   } else if (g16 != nullptr) {
@@ -242,6 +262,7 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
     for (int64_t i = 0; i < m; ++i) {
       float* row = S + i * L;
       inv[i] = softmax_unnormalized(row, L);
+      finish_row(p.drop, stream, t.q0 + i, L, row, 1.f, sc.mult.data());
       convert_row(row, P + i * L, L, 1.f);
     }
     float* Of = sc.o.data();  // (m x d) fp32
@@ -260,6 +281,7 @@ void run_task(const Problem<T>& p, const Task& t, Scratch& sc) {
     for (int64_t i = 0; i < m; ++i) {
       float* row = S + i * L;
       inv[i] = softmax_unnormalized(row, L);
+      finish_row(p.drop, stream, t.q0 + i, L, row, 1.f, sc.mult.data());
       // round the probabilities as the 16-bit BLAS path does
       for (int64_t j = 0; j < L; ++j) row[j] = static_cast<float>(static_cast<T>(row[j]));
     }
@@ -283,8 +305,10 @@ at::Tensor blas_compatible(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+namespace {
+
+at::Tensor varlen_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                 const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const Dropout& drop) {
   constexpr const char* op = "varlen_attention";
   check_varlen_attention(q_in, k_in, v_in, cu_seqlens, scale);
   check_blas_strides("q", q_in);
@@ -336,11 +360,12 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   BF_DISPATCH_FLOAT_TYPES(q.scalar_type(), op, [&] {
     Problem<scalar_t> p{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                         q.stride(0), k.stride(0), v.stride(0), q.stride(1), k.stride(1), v.stride(1),
-                        out.data_ptr<scalar_t>(), heads, d, cu, static_cast<float>(scale)};
+                        out.data_ptr<scalar_t>(), heads, d, cu, static_cast<float>(scale), drop};
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       Scratch sc;
       sc.s.resize(mmax * lmax);
       sc.o.resize(mmax * d);
+      if (drop.active) sc.mult.resize(lmax);
       if constexpr (!std::is_same_v<scalar_t, float>) {
         sc.p16.resize(mmax * lmax);
         sc.qf.resize(std::max(mmax * d, mmax));
@@ -355,6 +380,20 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     });
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  return varlen_attention_impl(q, k, v, cu_seqlens, max_seqlen, scale, Dropout());
+}
+
+at::Tensor varlen_attention_dropout_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                                        double dropout_p, int64_t seed) {
+  check_dropout_p("varlen_attention_dropout", dropout_p);
+  return varlen_attention_impl(q, k, v, cu_seqlens, max_seqlen, scale, Dropout(dropout_p, seed));
 }
 
 }  // namespace bert_fast

@@ -9,6 +9,9 @@
 //   dP = dO V^T
 //   dS = P * (dP - rowsum(dP * P))      (rowsum(dP * P) = rowsum(dO * O): O is never formed)
 //   dQ = scale dS K,  dK = scale dS^T Q
+// With dropout on the probabilities (Z: the forward's multipliers, 0 or 1 / (1 - p), regenerated
+// from the seed, csrc/cpu/dropout.h): O = (P * Z) V, so dV = (P * Z)^T dO, dP = (dO V^T) * Z, and
+// dS = P * (dP - D) with D = rowsum(dP * P) = rowsum(dO * O) as before.
 // Five GEMMs of 2 L^2 d FLOPs each (10 L^2 d per task; the forward has 4 L^2 d). Bytes: read Q, K,
 // V, dO once, write dQ, dK, dV once (7 N d per head); the L x L score tiles live per task.
 //
@@ -33,14 +36,18 @@
 
 #include "../contracts.h"
 #include "../ops.h"
+#include "dropout.h"
 
 namespace bert_fast {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                                         const at::Tensor& k, const at::Tensor& v,
                                                                         const at::Tensor& cu_seqlens,
-                                                                        int64_t max_seqlen, double scale) {
+                                                                        int64_t max_seqlen, double scale,
+                                                                        double dropout_p, int64_t seed) {
   check_varlen_attention_bwd(grad, q, k, v, cu_seqlens, scale);
+  check_dropout_p("varlen_attention_bwd", dropout_p);
+  const Dropout drop(dropout_p, seed);
   const int64_t N = q.size(0), heads = q.size(1), d = q.size(2);
   const at::Tensor cu_t = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* cu = cu_t.const_data_ptr<int64_t>();
@@ -83,10 +90,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at
         };
         const at::Tensor Q = slice(q), Kt = slice(k), V = slice(v), dO = slice(grad);
         const at::Tensor P = at::softmax(at::mm(Q, Kt.t()).mul_(fscale), 1);  // fp32, max-subtracted
-        const at::Tensor dP = at::mm(dO, V.t());
+        at::Tensor dP = at::mm(dO, V.t());
+        if (drop.active) {
+          at::Tensor Z = at::empty({L, L}, P.options());
+          float* zp = Z.data_ptr<float>();
+          const uint64_t stream = static_cast<uint64_t>(b * heads + h);
+          for (int64_t i = 0; i < L; ++i) dropout_multipliers(drop, stream, static_cast<uint64_t>(i * L), L, zp + i * L);
+          dP.mul_(Z);
+          dv.narrow(0, s, L).select(1, h).copy_(at::mm(P.mul(Z).t(), dO));
+        } else {
+          dv.narrow(0, s, L).select(1, h).copy_(at::mm(P.t(), dO));
+        }
         const at::Tensor D = dP.mul(P).sum(1, /*keepdim=*/true);
         const at::Tensor dS = dP.sub_(D).mul_(P);  // P (dP - D), in dP's storage
-        dv.narrow(0, s, L).select(1, h).copy_(at::mm(P.t(), dO));
         dq.narrow(0, s, L).select(1, h).copy_(at::mm(dS, Kt).mul_(fscale));
         dk.narrow(0, s, L).select(1, h).copy_(at::mm(dS.t(), Q).mul_(fscale));
       }
