@@ -14,11 +14,11 @@ namespace bert_fast {
 
 namespace {
 
+// The arguments were validated by the caller (check_bias_residual_layer_norm, which gave H).
 at::Tensor bias_residual_layer_norm_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                          double eps, const std::optional<at::Tensor>& linear_bias,
-                                         const std::optional<at::Tensor>& residual, const Dropout& drop) {
+                                         const std::optional<at::Tensor>& residual, const Dropout& drop, int64_t H) {
   constexpr const char* op = "bias_residual_layer_norm";
-  const int64_t H = check_bias_residual_layer_norm(x, weight, bias, linear_bias, residual);
   const at::Tensor w = param_f32(weight), b = param_f32(bias);
   const at::Tensor lb = linear_bias ? param_f32(*linear_bias) : at::Tensor();
   const at::Tensor x2 = x.reshape({-1, H});  // a view when the leading dims collapse, else a copy
@@ -52,15 +52,17 @@ at::Tensor bias_residual_layer_norm_impl(const at::Tensor& x, const at::Tensor& 
 at::Tensor bias_residual_layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                         double eps, const std::optional<at::Tensor>& linear_bias,
                                         const std::optional<at::Tensor>& residual) {
-  return bias_residual_layer_norm_impl(x, weight, bias, eps, linear_bias, residual, Dropout());
+  const int64_t H = check_bias_residual_layer_norm(x, weight, bias, linear_bias, residual);
+  return bias_residual_layer_norm_impl(x, weight, bias, eps, linear_bias, residual, Dropout(), H);
 }
 
 at::Tensor bias_residual_layer_norm_dropout_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                                 double eps, const std::optional<at::Tensor>& linear_bias,
                                                 const std::optional<at::Tensor>& residual, double dropout_p,
                                                 int64_t seed) {
+  const int64_t H = check_bias_residual_layer_norm(x, weight, bias, linear_bias, residual);
   check_dropout_p("bias_residual_layer_norm_dropout", dropout_p);
-  return bias_residual_layer_norm_impl(x, weight, bias, eps, linear_bias, residual, Dropout(dropout_p, seed));
+  return bias_residual_layer_norm_impl(x, weight, bias, eps, linear_bias, residual, Dropout(dropout_p, seed), H);
 }
 
 }  // namespace bert_fast

@@ -309,8 +309,7 @@ namespace {
 
 at::Tensor varlen_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, const Dropout& drop) {
-  constexpr const char* op = "varlen_attention";
-  check_varlen_attention(q_in, k_in, v_in, cu_seqlens, scale);
+  constexpr const char* op = "varlen_attention";  // arguments validated by the caller (check_varlen_attention)
   check_blas_strides("q", q_in);
   check_blas_strides("k", k_in);
   check_blas_strides("v", v_in);
@@ -386,12 +385,14 @@ at::Tensor varlen_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in,
 
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  check_varlen_attention(q, k, v, cu_seqlens, scale);
   return varlen_attention_impl(q, k, v, cu_seqlens, max_seqlen, scale, Dropout());
 }
 
 at::Tensor varlen_attention_dropout_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
                                         double dropout_p, int64_t seed) {
+  check_varlen_attention(q, k, v, cu_seqlens, scale);
   check_dropout_p("varlen_attention_dropout", dropout_p);
   return varlen_attention_impl(q, k, v, cu_seqlens, max_seqlen, scale, Dropout(dropout_p, seed));
 }
