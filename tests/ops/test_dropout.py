@@ -349,23 +349,17 @@ def test_triton_model_training_fuses_dropout(monkeypatch):
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(ids, attention_mask=mask).last_hidden_state
-        (out * mask[..., None]).sum().backward()
-        return out.detach(), model.encoder.layer[0].attention.self.query.weight.grad
-
     torch.manual_seed(8)
-    out, grad = step()
+    out = model(ids, attention_mask=mask).last_hidden_state
+    (out * mask[..., None]).sum().backward()
     # forward then backward: attention (0.2) and two residual LayerNorms (0.1), each seed used twice
     by_p = {p: sorted(s for q, s in calls if q == p) for p in (0.2, 0.1)}
     assert len(by_p[0.2]) == 2 and len(by_p[0.1]) == 4, calls
     assert by_p[0.2][0] == by_p[0.2][1] and len(set(by_p[0.1])) == 2, calls
+    assert by_p[0.1][0::2] == by_p[0.1][1::2], calls
     torch.manual_seed(8)
-    again, grad_again = step()
-    assert torch.equal(out, again) and torch.equal(grad, grad_again)
     with torch.no_grad():
-        assert max_abs(model.eval()(ids, attention_mask=mask).last_hidden_state, out) > 1e-3  # dropout acted
+        assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, out.detach())  # the same masks
 
 
 # --- gpu tier: half precision at BERT shapes ----------------------------------------------------
