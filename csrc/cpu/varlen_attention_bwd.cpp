@@ -25,6 +25,7 @@
 // task writes its own disjoint slices of dQ, dK, dV: the result does not depend on the number of
 // threads.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/softmax.h>
@@ -80,6 +81,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at
   const bool f32 = q.scalar_type() == at::kFloat;
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    // Grad mode is thread-local and worker threads start with it on: without this guard the ATen calls
+    // below, on views of inputs that require grad, would record autograd nodes whose reference cycles
+    // (through the in-place updates) keep q, k and v alive after backward — a leak of the whole
+    // graph per training step.
+    const at::NoGradGuard no_grad;
     for (int64_t t = t0; t < t1; ++t) {
       for (const auto& [b, h] : per_thread[t]) {
         const int64_t s = cu[b], L = cu[b + 1] - cu[b];
