@@ -71,6 +71,22 @@ def _positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torc
     return seq, tokens - cu[:-1][seq]
 
 
+def _padding(cu_seqlens: torch.Tensor, total: int, max_seqlen: int):
+    """How the references re-pad packed tokens: ``pad`` ((N, heads, d) -> (B, heads, L, d), zeros past
+    each sequence), each token's (sequence, position), the lengths and the (B, L) valid-key mask."""
+    batch = cu_seqlens.numel() - 1
+    seq, pos = _positions(cu_seqlens, total)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((batch, max_seqlen, *t.shape[1:]))
+        out[seq, pos] = t
+        return out.transpose(1, 2)  # (B, heads, L, d)
+
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    key_valid = torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lens[:, None]
+    return pad, seq, pos, lens, key_valid
+
+
 def varlen_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,15 +117,7 @@ def varlen_attention_ref(
 
         out = F.scaled_dot_product_attention(as_batch(q), as_batch(k), as_batch(v), dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).reshape(total, heads, d).to(dtype)
-    seq, pos = _positions(cu_seqlens, total)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros((batch, max_seqlen, heads, d))
-        out[seq, pos] = t
-        return out.transpose(1, 2)  # (B, heads, L, d)
-
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    key_valid = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
+    pad, seq, pos, lens, key_valid = _padding(cu_seqlens, total, max_seqlen)
     # Additive mask with finfo.min (as HF does), not -inf: a row with no valid key gets a uniform
     # distribution instead of NaN. Such rows only occur at padded query positions, never gathered.
     mask = torch.zeros((batch, 1, 1, max_seqlen), dtype=q.dtype, device=q.device)
@@ -125,16 +133,7 @@ def _attention_with_mask(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    batch = cu_seqlens.numel() - 1
-    seq, pos = _positions(cu_seqlens, total)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros((batch, max_seqlen, heads, d))
-        out[seq, pos] = t
-        return out.transpose(1, 2)  # (B, heads, L, d)
-
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    key_valid = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
+    pad, seq, pos, lens, key_valid = _padding(cu_seqlens, total, max_seqlen)
     scores = (pad(q).float() @ pad(k).float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~key_valid[:, None, None, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1)
