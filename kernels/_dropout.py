@@ -31,6 +31,14 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
+def checked_seed(op: str, p: float, seed: int | None) -> int | None:
+    """The public functionals' dropout arguments: ``p`` must be in [0, 1) (``ValueError`` naming
+    ``op`` otherwise); with ``p > 0`` and no ``seed``, one is drawn (:func:`draw_seed`)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {p}")
+    return draw_seed() if p > 0 and seed is None else seed
+
+
 def threshold(p: float) -> int:
     """Elements whose word is >= this are kept (``floor(p * 2^32)``, as the kernels compute it)."""
     return int(min(p * 4294967296.0, 4294967295.0))

@@ -225,10 +225,7 @@ def varlen_attention(
     generator when none is given; see the module docstring).
     """
     _check(q, k, v, cu_seqlens)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"varlen_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and seed is None:
-        seed = _dropout.draw_seed()
+    seed = _dropout.checked_seed("varlen_attention", dropout_p, seed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return OP(backend, q, k, v, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed)
 

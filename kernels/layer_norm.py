@@ -145,10 +145,7 @@ def bias_residual_layer_norm(
     function of the seed, see the module docstring).
     """
     _check(x, weight, bias, linear_bias, residual)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"bias_residual_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and seed is None:
-        seed = _dropout.draw_seed()
+    seed = _dropout.checked_seed("bias_residual_layer_norm", dropout_p, seed)
     return OP(backend, x, weight, bias, float(eps), linear_bias, residual, float(dropout_p), seed)
 
 
